@@ -1,0 +1,342 @@
+"""Typed experiment configuration: one YAML file per experiment, validated on load.
+
+Each concern is one pydantic class with a description per field; the YAML mirrors them section by
+section (`data`, `teacher`, `cluster`, `specialists`, `targets`, `student`, `tune`, `ray`,
+`output_dir`). Dotted `KEY=VALUE` overrides from the command line are checked against the schema
+before they are applied, and every problem (unknown key, wrong type, out-of-range value) is collected
+and reported at once as a `UserError` naming the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import UserError
+
+FORMATS = ("idx", "cifar", "npz", "folder", "digits", "synthetic")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """Seeded data with real confusable structure (used by `format: synthetic`)."""
+
+    num_classes: int = Field(12, ge=2, description="Number of classes.")
+    num_groups: int = Field(4, ge=1, description="Classes are split into this many confusable groups.")
+    train: int = Field(6000, ge=10, description="Training samples (val is carved from these).")
+    test: int = Field(2000, ge=10, description="Test samples.")
+    dim: int = Field(64, ge=2, description="Input dimension (stored as a flat float vector).")
+    difficulty: float = Field(
+        1.0, gt=0, description="Within-group confusability: larger means group members overlap more."
+    )
+    seed: int = Field(0, description="Seed of the generator; same seed, same bytes.")
+
+
+class DataConfig(_Section):
+    source: str = Field("", description="Path or URI of the raw data (unused by synthetic and digits).")
+    format: Literal["idx", "cifar", "npz", "folder", "digits", "synthetic"] = Field(
+        "synthetic", description="Raw data format, as in `distill data ingest --format`."
+    )
+    uri: Optional[str] = Field(
+        None, description="Where the dataset shards live; default `{output_dir}/data`. "
+        "Point several runs at one ingested dataset to share it."
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=0.9, description="Fraction of train carved out as val when the source has no val."
+    )
+    shard_size: int = Field(5000, ge=1, description="Samples per WebDataset shard.")
+    seed: int = Field(0, description="Seed of the val split.")
+    transfer_split: str = Field(
+        "train", description="Split used as the distillation transfer set (may be unlabelled)."
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class ModelConfig(_Section):
+    """Which network to build; see `pipeline.models.build_model`."""
+
+    arch: Literal["mlp", "cnn", "resnet", "wrn"] = Field("mlp", description="Model family.")
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="Hidden widths (mlp, cnn head).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on hidden layers.")
+    input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the inputs (mlp).")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], description="Conv channels (cnn).")
+    depth: Optional[int] = Field(None, description="Depth (resnet: 6n+2, wrn: 6n+4).")
+    width: Optional[int] = Field(None, description="Base channels (resnet).")
+    widen_factor: Optional[int] = Field(None, description="Width multiplier k (wrn).")
+
+    def spec(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class TrainConfig(_Section):
+    """Optimisation settings shared by teacher, specialists and student."""
+
+    epochs: int = Field(5, ge=1, description="Passes over the training data.")
+    batch_size: int = Field(128, ge=1, description="Global batch size.")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    schedule: Literal["cosine", "step", "constant", "onecycle"] = Field("cosine", description="LR schedule.")
+    max_norm: Optional[float] = Field(
+        None, gt=0, description="Max-norm constraint on each unit's incoming weights (the paper's MNIST teacher)."
+    )
+    jitter: int = Field(0, ge=0, description="Random translation of images by up to this many pixels.")
+    patience: Optional[int] = Field(
+        None, ge=1, description="Early stopping: stop after this many epochs without val improvement."
+    )
+
+    def train_dict(self) -> dict[str, Any]:
+        return TrainConfig.model_validate(
+            {k: getattr(self, k) for k in TrainConfig.model_fields}
+        ).model_dump()
+
+
+class ScalingFields(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train data-parallel workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+
+
+class TeacherConfig(TrainConfig, ScalingFields):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden=[512, 512], dropout=0.2))
+
+
+class ClusterConfig(_Section):
+    num_specialists: int = Field(4, ge=1, description="K: number of specialists (k-means clusters).")
+    subset_size: Optional[int] = Field(
+        None, ge=2, description="Fixed classes per specialist (the s nearest each centroid, may overlap); "
+        "unset: disjoint clusters."
+    )
+    min_size: int = Field(2, ge=1, description="Clusters with fewer classes get no specialist.")
+    max_size: Optional[int] = Field(None, ge=2, description="Largest subset allowed.")
+    seed: int = Field(0, description="k-means seed.")
+    batch_size: int = Field(1024, ge=1, description="Inference batch size on val.")
+
+
+class SpecialistsConfig(TrainConfig):
+    epochs: int = Field(3, ge=1, description="Epochs per specialist (one epoch = the subset's size x 2 samples).")
+    lr: float = Field(5e-4, gt=0, description="Learning rate (fine-tuning from the generalist).")
+    cpus_per_specialist: float = Field(1, gt=0, description="CPUs per specialist trial.")
+    gpus_per_specialist: float = Field(0, ge=0, description="GPUs per specialist trial (1 on a GPU cluster).")
+    max_concurrent: Optional[int] = Field(None, ge=1, description="Specialists trained at once (default: as resources allow).")
+    max_failures: int = Field(2, ge=0, description="Retries of a failed specialist (others are not redone).")
+    top_n: int = Field(1, ge=1, description="Specialists are active when their subset meets the generalist's top-n.")
+    combine_method: Literal["fixed_point", "gradient"] = Field("fixed_point", description="How q is found.")
+    combine_iters: int = Field(50, ge=1, description="Iterations of the combination.")
+
+
+class TargetsConfig(_Section):
+    format: Literal["parquet", "webdataset", "both"] = Field("parquet", description="Cache file format(s).")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of logits/log-probs.")
+    top_k: Optional[int] = Field(None, ge=1, description="Store only the top-k (plus tail mass); unset: dense.")
+    batch_size: int = Field(1024, ge=1, description="Inference batch size.")
+    num_actors: int = Field(1, ge=1, description="Ray Data actor-pool size (model replicas).")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs per replica.")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica.")
+    uri: Optional[str] = Field(None, description="Cache location; default `{output_dir}/targets`.")
+
+
+class StudentConfig(TrainConfig, ScalingFields):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden=[64]))
+    T: float = Field(4.0, gt=0, description="Distillation temperature (tune may replace it).")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft term (tune may replace it).")
+    target: Literal["ensemble", "generalist"] = Field("ensemble", description="Which cached targets to learn from.")
+    mode: Literal["cached", "online"] = Field("cached", description="Read the cache, or run the teacher every step.")
+    use_tuned: bool = Field(True, description="Use tune's best T/alpha for the final student when tune ran.")
+
+
+class TuneConfig(_Section):
+    enabled: bool = Field(True, description="Run the tune stage.")
+    search: Literal["grid", "random"] = Field("grid", description="Grid over the lists, or random sampling.")
+    num_samples: int = Field(1, ge=1, description="Grid: repeats of the grid; random: number of trials.")
+    T: list[float] = Field(default_factory=lambda: [2.0, 8.0], description="Temperatures to try.")
+    alpha: list[float] = Field(default_factory=lambda: [0.5, 0.9], description="Soft-term weights to try.")
+    lr: Optional[list[float]] = Field(None, description="Learning rates to try (unset: student.lr).")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="ASHA stops poor trials early.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be stopped.")
+    epochs: Optional[int] = Field(None, ge=1, description="Epochs per trial (unset: student.epochs).")
+    max_concurrent: int = Field(2, ge=1, description="Trials at once.")
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial.")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs per trial.")
+
+
+class RayConfig(_Section):
+    address: str = Field("", description="Ray cluster address; empty: start a local Ray.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the local Ray (unset: all).")
+    object_store_memory_mb: int = Field(256, ge=64, description="Object store of the local Ray, MiB.")
+
+
+class Config(_Section):
+    output_dir: str = Field("runs/default", description="Run directory, local path or s3:// URI.")
+    seed: int = Field(0, description="Global seed.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "Config":
+        problems = []
+        if self.data.format not in ("synthetic", "digits") and not self.data.source and not self.data.uri:
+            problems.append(
+                f"data.source: empty but data.format is '{self.data.format}'; set data.source to the raw "
+                "data's path or URI (or data.uri to an already-ingested dataset)"
+            )
+        cs = self.cluster
+        if cs.max_size is not None and cs.subset_size is not None and cs.subset_size > cs.max_size:
+            problems.append(f"cluster.subset_size: {cs.subset_size} exceeds cluster.max_size {cs.max_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # Where each stage lives; the run-directory contract of DESIGN.md.
+    def stage_uri(self, stage: str) -> str:
+        from pipeline import storage
+
+        if stage == "data" and self.data.uri:
+            return self.data.uri
+        if stage == "targets" and self.targets.uri:
+            return self.targets.uri
+        return storage.join(self.output_dir, stage)
+
+
+def section_fingerprint(*parts: Any) -> str:
+    """Stable hash of config slices / upstream fingerprints, to tell whether a stage is up to date."""
+    def norm(p: Any) -> Any:
+        if isinstance(p, BaseModel):
+            return p.model_dump(mode="json")
+        return p
+
+    blob = json.dumps([norm(p) for p in parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error collection
+# ---------------------------------------------------------------------------------------------
+
+def _lookup_field(model_cls: type[BaseModel], dotted: str) -> Optional[str]:
+    """None if `dotted` names a field of the schema; otherwise a message saying what is valid."""
+    parts = dotted.split(".")
+    cls: Any = model_cls
+    for i, part in enumerate(parts):
+        fields = getattr(cls, "model_fields", None)
+        if fields is None:
+            # Below a leaf: dict-valued fields accept any sub-key.
+            return None if cls in (dict, Any) else f"'{'.'.join(parts[:i])}' is a value, not a section"
+        if part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            return f"unknown key; valid keys at {where}: {', '.join(sorted(fields))}"
+        ann = fields[part].annotation
+        cls = _model_in(ann)
+    return None
+
+
+def _model_in(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return ann if ann in (dict, Any) else object
+
+
+def parse_overrides(overrides: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
+    pairs, problems = [], []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"'{item}': an override must look like KEY=VALUE, e.g. teacher.epochs=3")
+            continue
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key, value))
+    return pairs, problems
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def _format_validation(err: ValidationError, raw: dict) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(str(x) for x in e["loc"][:-1])
+            valid = _lookup_field(Config, loc) or "unknown key"
+            lines.append(f"{loc}: {valid}; remove it or fix its spelling"
+                         + (f" (section '{parent}')" if parent else ""))
+            continue
+        value = e.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        if loc:
+            lines.append(f"{loc}: value {shown} is invalid: {msg}")
+        else:
+            lines.append(msg.removeprefix("Value error, "))
+    return lines
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    """Read YAML at `path` (None: all defaults), apply dotted overrides, validate. Raises UserError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise UserError(f"config file '{path}' does not exist; pass the path of a YAML file such as configs/quickstart.yaml")
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise UserError(f"config file '{path}' is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of sections (data:, teacher:, ...), "
+                            f"not a {type(loaded).__name__}")
+        raw = loaded
+    pairs, problems = parse_overrides(overrides or [])
+    for key, value in pairs:
+        why = _lookup_field(Config, key)
+        if why:
+            problems.append(f"{key} (command line): {why}")
+            continue
+        _set_dotted(raw, key, value)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        problems.extend(_format_validation(e, raw))
+        cfg = None
+    if problems:
+        src = f"config '{path}'" if path else "config"
+        raise UserError(f"{src} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    assert cfg is not None
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
