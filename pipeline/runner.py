@@ -79,6 +79,18 @@ def run_pipeline(cfg: Config, only: Optional[Iterable[str]] = None, force: bool 
     t0 = time.perf_counter()
     for stage in stages:
         results[stage] = run_stage(cfg, stage, force=force)
-    if not only:
-        log(f"pipeline finished in {time.perf_counter() - t0:.1f}s; report at {storage.join(cfg.output_dir, 'report.md')}")
+    if not only or "report" in stages:
+        print_headline(cfg)
+        log(f"finished in {time.perf_counter() - t0:.1f}s; report at {storage.join(cfg.output_dir, 'report.md')}")
     return results
+
+
+def print_headline(cfg: Config) -> None:
+    """The table a user came for, on stdout at the end of `distill run`."""
+    from pipeline.stages.report import headline_table
+
+    try:
+        summary = storage.read_json(storage.join(cfg.output_dir, "summary.json"))
+    except (FileNotFoundError, ValueError):
+        return
+    print(headline_table(summary), flush=True)

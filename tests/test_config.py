@@ -1,0 +1,81 @@
+"""The config contract: every shipped YAML validates, overrides are typed, errors name the key."""
+import glob
+import os
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def test_configs_folder_has_the_runnable_configs():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert "quickstart.yaml" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # The keys scripts rely on (DESIGN.md) are present and typed.
+    assert cfg.data.format in ("idx", "cifar", "npz", "folder", "digits", "synthetic")
+    assert cfg.teacher.epochs >= 1 and cfg.specialists.epochs >= 1 and cfg.student.epochs >= 1
+    assert cfg.cluster.num_specialists >= 1 and cfg.tune.num_samples >= 1
+    assert isinstance(cfg.ray.address, str)
+
+
+def test_dotted_overrides_are_parsed_as_yaml_scalars():
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+                      ["teacher.epochs=3", "student.T=7.5", "output_dir=s3://bucket/run1", "tune.T=[1, 2]"])
+    assert cfg.teacher.epochs == 3
+    assert cfg.student.T == 7.5
+    assert cfg.output_dir == "s3://bucket/run1"
+    assert cfg.tune.T == [1.0, 2.0]
+    assert cfg.stage_uri("teacher") == "s3://bucket/run1/teacher"
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("teacher:\n  epochs: 0\n  bogus: 1\nstudent:\n  alpha: 2\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(p), ["no_such.key=1"])
+    msg = str(e.value)
+    for key in ("no_such.key", "teacher.epochs", "teacher.bogus", "student.alpha"):
+        assert key in msg
+    assert "4 problem(s)" in msg
+
+
+def test_config_show_unknown_key_exits_2_naming_it(capsys):
+    rc = main(["config", "show", os.path.join(ROOT, "configs", "quickstart.yaml"), "no_such.key=1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no_such.key" in err and "Traceback" not in err
+
+
+def test_config_show_prints_resolved_config(capsys):
+    rc = main(["config", "show", os.path.join(ROOT, "configs", "quickstart.yaml"), "teacher.epochs=2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    import yaml
+
+    shown = yaml.safe_load(out)
+    assert shown["teacher"]["epochs"] == 2
+    assert shown["data"]["format"] == "synthetic"
+
+
+def test_missing_and_malformed_config_files_exit_2(tmp_path, capsys):
+    assert main(["config", "show", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    assert main(["config", "show", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_source_required_for_file_formats():
+    with pytest.raises(UserError, match="data.source"):
+        load_config(None, ["data.format=idx"])
