@@ -1,0 +1,76 @@
+"""Run every benchmark under bench/ and gather their figures in one place.
+
+Each `bench/bench_*.py` is a standalone script that prints one JSON object and accepts `--out FILE`
+(and `--quick` for a smaller size). This driver runs them one after another (never in parallel: they
+measure ratios within one run, and two at once would skew each other), then writes
+`bench/results.json` and `bench/RESULTS.md`, a Markdown table of every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def flatten(prefix: str, obj, out: dict) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes instead of tens of minutes)")
+    ap.add_argument("--only", nargs="*", default=None, help="names such as bench_cache")
+    args = ap.parse_args()
+    scripts = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))
+    if args.only:
+        scripts = [s for s in scripts if os.path.splitext(os.path.basename(s))[0] in args.only]
+    results, failures = {}, {}
+    for script in scripts:
+        name = os.path.splitext(os.path.basename(script))[0]
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            out = tmp.name
+        cmd = [sys.executable, script, "--out", out] + (["--quick"] if args.quick else [])
+        print(f"[bench] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0 or not os.path.getsize(out):
+            failures[name] = f"exit code {proc.returncode}"
+            print(f"[bench] {name} FAILED ({failures[name]})", file=sys.stderr)
+            continue
+        with open(out) as f:
+            results[name] = json.load(f)
+        results[name]["_wall_s"] = round(seconds, 1)
+        os.unlink(out)
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump({"results": results, "failures": failures}, f, indent=2)
+    lines = ["# Benchmark results", "", "Figures from one `make bench` run on this machine; ratios compare "
+             "measurements taken in the same run.", "", "| benchmark | figure | value |", "|---|---|---:|"]
+    for name, res in results.items():
+        flat: dict = {}
+        flatten("", res, flat)
+        for k, v in flat.items():
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            lines.append(f"| {name} | {k} | {v} |")
+    for name, why in failures.items():
+        lines.append(f"| {name} | FAILED | {why} |")
+    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
