@@ -181,7 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling a `nargs="*"` positional at the first option, so the documented
+    # `distill submit CONFIG --address URL KEY=VALUE ...` (and `run CONFIG --force KEY=VALUE`) would
+    # leave the overrides unrecognised; collect trailing KEY=VALUE words into `overrides`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error("unrecognized arguments: " + " ".join(extra))
     func: Callable = args.func
     try:
         return int(func(args) or 0)
