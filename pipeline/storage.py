@@ -39,7 +39,9 @@ def _s3_options() -> dict[str, Any]:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
     # Listing caches would hide shards written by another process (e.g. a Ray worker) moments ago.
     opts["use_listings_cache"] = False
-    opts["skip_instance_cache"] = True
+    # The filesystem instance itself is reused (fsspec's per-process instance cache): a new one per
+    # call builds a new S3 client each time, measured at 0.2-0.5 s per operation against a local S3
+    # server (a 25x slower soft-target regen). Without the listings cache, reuse never serves stale data.
     return opts
 
 
@@ -118,6 +120,9 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
+        # mkstemp creates 0600; published files get the usual 0666 & ~umask so a shared dataset
+        # or cache is readable by the other users of a machine.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -127,6 +132,12 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def put_file_atomic(local_path: str, uri: str) -> None:
