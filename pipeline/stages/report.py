@@ -89,10 +89,16 @@ def _fmt_err(e: Any) -> str:
 
 def headline_table(summary: dict) -> str:
     lat = summary.get("latency_ms_per_batch") or {}
-    rows = [("generalist (teacher)", "generalist", lat.get("generalist")),
-            ("generalist + specialists", "ensemble", lat.get("ensemble")),
-            ("student, hard labels", "student_baseline", lat.get("student")),
-            ("student, distilled", "student_distilled", lat.get("student"))]
+
+    def ms(key: str) -> Any:
+        # The student stage records {"ms_median": ..., "ms_p90": ..., ...} per model.
+        v = lat.get(key)
+        return v.get("ms_median") if isinstance(v, dict) else v
+
+    rows = [("generalist (teacher)", "generalist", ms("generalist")),
+            ("generalist + specialists", "ensemble", ms("ensemble")),
+            ("student, hard labels", "student_baseline", ms("student")),
+            ("student, distilled", "student_distilled", ms("student"))]
 
     def cell(v: Any, fmt: str = "{}") -> str:
         return "—" if v is None else fmt.format(v)

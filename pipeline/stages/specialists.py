@@ -1,0 +1,365 @@
+"""Stage `specialists`: K specialists trained in parallel on Ray, then the ensemble scored on test.
+
+Training (Hinton et al. 2015, section 5.2). One Ray Tune trial per class subset of
+`cluster/specialists.json`, each reserving `specialists.cpus_per_specialist` CPUs and
+`gpus_per_specialist` GPUs, at most `max_concurrent` at once. Tune is used as a parallel job runner
+with per-trial fault tolerance: `FailureConfig(max_failures)` restarts a failed trial alone, the
+others carry on. The trial body is `pipeline.specialist_training.train_specialist` (plain torch); it
+keeps its own per-epoch resume state under `spec_{m:03d}/_resume/`, so a retried trial, or a rerun of
+the stage after it gave up, continues from the last finished epoch. A specialist whose checkpoint
+already exists with the same training fingerprint (subset, generalist weights, data, training
+settings) is skipped: a rerun after a failure trains only the missing ones, and changing only
+evaluation settings (`top_n`, `combine_*`) or resources retrains nothing.
+
+Evaluation (section 5.4). Generalist logits and every specialist's dustbin-corrected logits on the
+test split are combined by `specialists.combine.combine`; `metrics.json` holds the ensemble's
+`test_error`, the generalist's, and the analogue of the paper's Table 4 (test examples grouped by how
+many specialists cover their true class, with the accuracy change in each group).
+
+Files (the contract `pipeline/teacher_ensemble.py` reads):
+    specialists/spec_{m:03d}/model.pt, model.json (extra: subset, f, dustbin_correction, fingerprint)
+    specialists/spec_{m:03d}/metrics.json
+    specialists/metrics.json
+    specialists/ray/            Tune experiment folders (logs of each attempt)
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, section_fingerprint
+from pipeline.errors import UserError
+from pipeline.specialist_training import TRAIN_KEYS, is_complete, spec_dirname
+
+NEEDS_RAY = True
+METRICS_FILE = "metrics.json"
+# Resources and scheduling do not change what a specialist learns; they stay out of the fingerprints.
+_NOT_FINGERPRINTED = {"cpus_per_specialist", "gpus_per_specialist", "max_concurrent", "max_failures"}
+# Test hooks (read in the driver, passed to the trials): specialists listed in FAIL_ENV raise after
+# their first epoch; with FAIL_ONCE_ENV naming a folder they fail only once (a marker file per
+# specialist remembers it), otherwise on every attempt.
+FAIL_ENV = "DISTILL_TEST_FAIL_SPECIALISTS"
+FAIL_ONCE_ENV = "DISTILL_TEST_FAIL_ONCE_DIR"
+
+
+def fingerprint(cfg: Config) -> str:
+    from pipeline.runner import marker_fingerprint
+
+    sc = cfg.specialists.model_dump(exclude=_NOT_FINGERPRINTED)
+    return section_fingerprint("specialists-v1", sc, cfg.seed, marker_fingerprint(cfg, "cluster"),
+                               marker_fingerprint(cfg, "teacher"), marker_fingerprint(cfg, "data"))
+
+
+def specialist_fingerprint(cfg: Config, subset: Sequence[int], teacher_sha: str) -> str:
+    """Identity of one specialist's training inputs; stored in its model.json."""
+    from pipeline.runner import marker_fingerprint
+
+    train = {k: getattr(cfg.specialists, k) for k in TRAIN_KEYS}
+    return section_fingerprint("specialist-v1", train, [int(c) for c in subset], teacher_sha,
+                               marker_fingerprint(cfg, "data"), cfg.seed)
+
+
+def spec_uri(cfg: Config, m: int) -> str:
+    return storage.join(cfg.stage_uri("specialists"), spec_dirname(m))
+
+
+# ------------------------------------------------------------------------------------------------
+# The trial body (runs in a Ray worker)
+
+
+def load_labelled(data_uri: str, split: str) -> tuple[Any, np.ndarray]:
+    from pipeline.data.shards import load_split
+
+    x, y, _ = load_split(data_uri, split)
+    if len(y) == 0:
+        raise UserError(f"{data_uri}: split '{split}' is empty; the specialists need labelled train, val and test data")
+    if y is None or (np.asarray(y) < 0).any():
+        raise UserError(f"{data_uri}: split '{split}' has no labels; specialists train and early-stop on labelled data")
+    return x, np.asarray(y).astype(np.int64, copy=False)
+
+
+def _maybe_fail(job: dict, m: int) -> None:
+    hook = job.get("fail") or {}
+    if m not in hook.get("specialists", ()):
+        return
+    marker_dir = hook.get("once_dir")
+    if marker_dir:
+        marker = os.path.join(marker_dir, f"failed-{m}")
+        if os.path.exists(marker):
+            return
+        os.makedirs(marker_dir, exist_ok=True)
+        open(marker, "w").close()
+    raise RuntimeError(f"specialist {m}: failure injected by the {FAIL_ENV} test hook")
+
+
+def _trainable(config: dict, job: dict) -> None:
+    import ray
+    from ray import tune
+
+    from pipeline.specialist_training import train_specialist
+
+    m = int(config["m"])
+    out_uri = storage.join(job["out_uri"], spec_dirname(m))
+    if is_complete(out_uri, job["fingerprints"][m]):  # a restarted trial whose work is already saved
+        tune.report({"m": m, "finished": True})
+        return
+    threads = max(1, int(job["cpus"]))
+    torch.set_num_threads(threads)
+    device = "cuda" if job["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    x_train, y_train = load_labelled(job["data_uri"], "train")
+    x_val, y_val = load_labelled(job["data_uri"], "val")
+
+    def report(row: dict) -> None:
+        tune.report({"m": m, **row})
+        _maybe_fail(job, m)
+
+    metrics = train_specialist(
+        job["teacher_uri"], job["subsets"][m], x_train, y_train, x_val, y_val, job["train_cfg"],
+        out_uri, fingerprint=job["fingerprints"][m],
+        seed=job["seed"] * 1000 + m, report=report, device=device,
+        # node_id: which Ray node trained it (spread across the cluster; checked by test_multinode).
+        extra={"index": m, "class_names": job["class_names"][m],
+               "node_id": ray.get_runtime_context().get_node_id()},
+    )
+    tune.report({"m": m, "finished": True, "val_error": metrics["val_error"], "epoch": metrics["epochs_run"] - 1,
+                 "seconds_total": metrics["seconds"]})
+
+
+def _log_callback():
+    from ray.tune import Callback
+
+    from pipeline.runner import log
+
+    class _Log(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "train_loss" not in result:
+                return
+            log(f"specialists: spec {result['m']} epoch {result['epoch']}: train loss {result['train_loss']:.4f}, "
+                f"val error {result['val_error']:.4f} (best {result['best_val_error']:.4f})")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log(f"specialists: spec {trial.config.get('m')} failed (attempt {trial.num_failures}); "
+                "Tune retries it if failures remain")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            log(f"specialists: spec {trial.config.get('m')} finished")
+
+    return _Log()
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+
+
+def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]], todo: list[int],
+              fingerprints: list[str]) -> dict:
+    """Train specialists `todo` as parallel Tune trials; returns timing info. Raises if any fails."""
+    from ray import tune
+
+    from pipeline.runner import log
+
+    sc = cfg.specialists
+    out = cfg.stage_uri("specialists")
+    fail_list = os.environ.get(FAIL_ENV, "").strip()
+    job = {
+        "data_uri": cfg.stage_uri("data"), "teacher_uri": cfg.stage_uri("teacher"), "out_uri": out,
+        "subsets": subsets, "class_names": class_names, "fingerprints": fingerprints,
+        "train_cfg": sc.train_dict(), "seed": cfg.seed, "cpus": sc.cpus_per_specialist, "gpus": sc.gpus_per_specialist,
+        "fail": {"specialists": [int(v) for v in fail_list.split(",") if v.strip()],
+                 "once_dir": os.environ.get(FAIL_ONCE_ENV) or None} if fail_list else None,
+    }
+    fs, path = storage.pyarrow_fs(storage.join(out, "ray"))
+    trainable = tune.with_resources(tune.with_parameters(_trainable, job=job),
+                                    {"cpu": sc.cpus_per_specialist, "gpu": sc.gpus_per_specialist})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"m": tune.grid_search(todo)},
+        # reuse_actors: a finished trial hands its worker process (torch already imported) to the
+        # next one; without it each specialist pays seconds of process start-up.
+        tune_config=tune.TuneConfig(max_concurrent_trials=sc.max_concurrent, reuse_actors=True,
+                                    trial_name_creator=lambda t: spec_dirname(t.config["m"]),
+                                    trial_dirname_creator=lambda t: spec_dirname(t.config["m"])),
+        run_config=tune.RunConfig(
+            name=datetime.now().strftime("fit-%Y%m%d-%H%M%S-%f"), storage_path=path, storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=sc.max_failures),
+            callbacks=[_log_callback()], verbose=0,
+        ),
+    )
+    log(f"specialists: training {len(todo)} specialist(s) {todo} as Ray Tune trials "
+        f"({sc.cpus_per_specialist} CPU, {sc.gpus_per_specialist} GPU each, max concurrent "
+        f"{sc.max_concurrent or 'as resources allow'}, {sc.max_failures} retries each)")
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    seconds = time.perf_counter() - t0
+    errors = {}
+    for r in grid:
+        if r.error is not None:
+            errors[int(r.config["m"])] = r.error
+    missing = [m for m in todo if not is_complete(spec_uri(cfg, m), fingerprints[m])]
+    if missing:
+        detail = "; ".join(f"spec {m}: {str(errors.get(m, 'no checkpoint written')).splitlines()[-1][:300]}"
+                           for m in missing)
+        raise RuntimeError(
+            f"specialists {missing} failed after {sc.max_failures} retries each ({detail}). The other "
+            f"specialists are saved; rerun the stage to train only the missing ones (logs under {storage.join(out, 'ray')})")
+    return {"seconds": seconds, "trained": todo}
+
+
+def run(cfg: Config) -> dict:
+    from pipeline.data.shards import read_manifest
+    from pipeline.models import checkpoint_fingerprint
+    from pipeline.runner import log
+    from pipeline.stages.cluster import read_subsets
+
+    if cfg.specialists.batch_size < 2:
+        raise UserError(f"specialists.batch_size: {cfg.specialists.batch_size} cannot hold half subset, half other "
+                        "examples; use at least 2 (e.g. 128)")
+    subsets = read_subsets(cfg)
+    teacher_uri = cfg.stage_uri("teacher")
+    if not storage.exists(storage.join(teacher_uri, "model.json")):
+        raise UserError(f"{teacher_uri}: no generalist checkpoint; run `distill stage teacher CONFIG` first")
+    manifest = read_manifest(cfg.stage_uri("data"))
+    num_classes = int(manifest["num_classes"])
+    names = list(manifest.get("class_names") or [str(c) for c in range(num_classes)])
+    for s in subsets:
+        if min(s) < 0 or max(s) >= num_classes or len(set(s)) != len(s) or len(s) >= num_classes:
+            raise UserError(f"{storage.join(cfg.stage_uri('cluster'), 'specialists.json')}: subset {s} is not a set of "
+                            f"distinct classes in [0, {num_classes}) leaving some class for the dustbin; re-run the cluster stage")
+    class_names = [[names[c] for c in s] for s in subsets]
+    teacher_sha = checkpoint_fingerprint(teacher_uri)
+    fps = [specialist_fingerprint(cfg, s, teacher_sha) for s in subsets]
+
+    out = cfg.stage_uri("specialists")
+    # Folders of specialists beyond K (an earlier run with more clusters) would be read as ensemble members.
+    for name in storage.listdir(out):
+        if name.startswith("spec_") and name[5:].isdigit() and int(name[5:]) >= len(subsets):
+            storage.remove(storage.join(out, name), recursive=True)
+    todo = [m for m in range(len(subsets)) if not is_complete(spec_uri(cfg, m), fps[m])]
+    skipped = [m for m in range(len(subsets)) if m not in todo]
+    if skipped:
+        log(f"specialists: {skipped} already trained with the same inputs, kept")
+    timing = train_all(cfg, subsets, class_names, todo, fps) if todo else {"seconds": 0.0, "trained": []}
+
+    metrics = evaluate_on_test(cfg, subsets, class_names)
+    metrics["training"] = {"trained": timing["trained"], "skipped": skipped, "wall_seconds": timing["seconds"],
+                           "cpus_per_specialist": cfg.specialists.cpus_per_specialist,
+                           "gpus_per_specialist": cfg.specialists.gpus_per_specialist,
+                           "max_concurrent": cfg.specialists.max_concurrent}
+    storage.write_json_atomic(storage.join(out, METRICS_FILE), metrics)
+    log(f"specialists: test error generalist {metrics['generalist_test_error']:.4f} -> ensemble "
+        f"{metrics['test_error']:.4f} ({metrics['num_specialists']} specialists)")
+    return {"test_error": metrics["test_error"], "generalist_test_error": metrics["generalist_test_error"],
+            "num_specialists": metrics["num_specialists"], "trained": timing["trained"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def load_specialists(cfg: Config, num: int) -> list[tuple[torch.nn.Module, dict]]:
+    from pipeline.models import load_checkpoint
+
+    return [load_checkpoint(spec_uri(cfg, m)) for m in range(num)]
+
+
+def table4(y: np.ndarray, subsets: Sequence[Sequence[int]], num_classes: int,
+           generalist_correct: np.ndarray, ensemble_correct: np.ndarray) -> list[dict]:
+    """The paper's Table 4: test examples grouped by how many specialists cover their true class."""
+    coverage = np.zeros(num_classes, dtype=np.int64)
+    for s in subsets:
+        coverage[np.asarray(s)] += 1
+    covered_by = coverage[y]
+    rows = []
+    for n in sorted(set(covered_by.tolist())):
+        sel = covered_by == n
+        g, e = int(generalist_correct[sel].sum()), int(ensemble_correct[sel].sum())
+        rows.append({
+            "covered_by": n, "num_test_examples": int(sel.sum()),
+            "generalist_correct": g, "ensemble_correct": e, "delta_correct": e - g,
+            "generalist_accuracy": g / int(sel.sum()), "ensemble_accuracy": e / int(sel.sum()),
+            "relative_accuracy_change": (e - g) / g if g else None,
+        })
+    return rows
+
+
+def evaluate_on_test(cfg: Config, subsets: list[list[int]], class_names: list[list[str]],
+                     chunk: int = 4096) -> dict:
+    """Generalist vs generalist + specialists on the test split (see module doc)."""
+    from pipeline.models import count_params, load_checkpoint
+    from pipeline.runner import log
+    from pipeline.specialist_training import METRICS_FILE as SPEC_METRICS
+    from pipeline.training import predict_logits
+    from specialists.combine import SubsetIndex, active_mask, combine
+
+    sc = cfg.specialists
+    x, y = load_labelled(cfg.stage_uri("data"), "test")
+    generalist, g_meta = load_checkpoint(cfg.stage_uri("teacher"))
+    num_classes = int(g_meta["num_classes"])
+    log(f"specialists: scoring the ensemble on {len(y)} test samples")
+    g_logits = predict_logits(generalist, x)
+    specs = load_specialists(cfg, len(subsets))
+    corrections = [float(meta["extra"]["dustbin_correction"]) for _, meta in specs]
+    s_logits = [predict_logits(model, x) for model, _ in specs]
+    sidx = SubsetIndex(subsets, num_classes)
+    preds, n_active = [], []
+    active_per_spec = np.zeros(len(subsets), dtype=np.int64)
+    for start in range(0, len(y), chunk):
+        sl = slice(start, start + chunk)
+        g = g_logits[sl]
+        act = active_mask(torch.log_softmax(g.double(), 1), sidx, sc.top_n)
+        log_q = combine(g, [z[sl] for z in s_logits], sidx, top_n=sc.top_n, method=sc.combine_method,
+                        iters=sc.combine_iters, dustbin_corrections=corrections, active=act)
+        preds.append(log_q.argmax(1).numpy())
+        n_active.append(act.sum(1).numpy())
+        active_per_spec += act.sum(0).numpy()
+    ens_pred = np.concatenate(preds)
+    n_active_all = np.concatenate(n_active)
+    gen_pred = g_logits.argmax(1).numpy()
+    gen_ok, ens_ok = gen_pred == y, ens_pred == y
+    n = len(y)
+
+    per_spec = []
+    for m, ((model, meta), z) in enumerate(zip(specs, s_logits)):
+        task_y = np.full(num_classes, len(subsets[m]), dtype=np.int64)
+        task_y[np.asarray(subsets[m])] = np.arange(len(subsets[m]))
+        zc = z.clone()
+        zc[:, -1] += corrections[m]
+        try:
+            train_metrics = storage.read_json(storage.join(spec_uri(cfg, m), SPEC_METRICS))
+        except FileNotFoundError:
+            train_metrics = {}
+        per_spec.append({
+            "index": m, "dir": spec_dirname(m), "subset": subsets[m], "class_names": class_names[m],
+            "f": meta["extra"]["f"], "dustbin_correction": corrections[m],
+            "val_error": train_metrics.get("val_error"), "generalist_val_error": train_metrics.get("generalist_val_error"),
+            "best_epoch": train_metrics.get("best_epoch"), "epochs_run": train_metrics.get("epochs_run"),
+            "seconds": train_metrics.get("seconds"), "resumed_from_epoch": train_metrics.get("resumed_from_epoch"),
+            "test_task_error": float((zc.argmax(1).numpy() != task_y[y]).mean()),
+            "active_test_examples": int(active_per_spec[m]),
+            "params": meta["params"], "node_id": train_metrics.get("node_id"),
+        })
+    act_any = n_active_all > 0
+    return {
+        "test_error": float((~ens_ok).mean()),
+        "test_errors": int((~ens_ok).sum()),
+        "generalist_test_error": float((~gen_ok).mean()),
+        "generalist_test_errors": int((~gen_ok).sum()),
+        "num_test_examples": n,
+        "num_specialists": len(subsets),
+        "params": count_params(generalist) + sum(meta["params"] for _, meta in specs),
+        "generalist_params": count_params(generalist),
+        "top_n": sc.top_n, "combine_method": sc.combine_method, "combine_iters": sc.combine_iters,
+        "examples_with_active_specialist": int(act_any.sum()),
+        "predictions_changed": int((ens_pred != gen_pred).sum()),
+        "fixed": int((ens_ok & ~gen_ok).sum()),
+        "broken": int((~ens_ok & gen_ok).sum()),
+        "relative_accuracy_change": (float(ens_ok.sum()) - float(gen_ok.sum())) / max(1.0, float(gen_ok.sum())),
+        "table4": table4(y, subsets, num_classes, gen_ok, ens_ok),
+        "specialists": per_spec,
+    }

@@ -1,0 +1,118 @@
+"""Stage `teacher`: the generalist, trained on all classes with Ray Train (data-parallel).
+
+Each Ray Train worker reads its own train/val shards (`pipeline.ray_train.train_loop`) and the
+worker group checkpoints every epoch into `teacher/ray/teacher-{fingerprint}/`. A killed worker is
+replaced and training continues from the last checkpoint (`teacher.max_failures`); an interrupted
+stage, run again with the same config, continues from the same place. When the run is over the
+driver takes the checkpoint with the lowest val error, measures it on the test split and writes
+
+    teacher/model.pt, model.json   the generalist (`pipeline.models.load_checkpoint`)
+    teacher/metrics.json           per-epoch train loss / val error, test_error, test_errors, params,
+                                   wall time, best epoch, the epochs at which training (re)started
+"""
+from __future__ import annotations
+
+import time
+
+from pipeline import storage
+from pipeline.config import Config, section_fingerprint
+from pipeline.errors import UserError
+
+NEEDS_RAY = True
+RUN_PREFIX = "teacher-"
+
+
+def fingerprint(cfg: Config) -> str:
+    from pipeline.runner import marker_fingerprint
+
+    return section_fingerprint(cfg.teacher, cfg.seed, marker_fingerprint(cfg, "data"))
+
+
+def loop_config(cfg: Config, manifest: dict) -> dict:
+    """What every Ray Train worker needs to train the generalist (plain data, picklable)."""
+    from pipeline import ray_train
+
+    tc = cfg.teacher
+    return {
+        "name": "teacher",
+        "data_uri": ray_train.worker_uri(cfg.stage_uri("data")),
+        "train_split": "train",
+        "val_split": "val",
+        "model": tc.model.spec(),
+        "input_shape": [int(s) for s in manifest["input_shape"]],
+        "num_classes": int(manifest["num_classes"]),
+        "train": tc.train_dict(),
+        "seed": int(cfg.seed),
+    }
+
+
+def _check_data(cfg: Config, manifest: dict) -> None:
+    data_uri = cfg.stage_uri("data")
+    splits = manifest["splits"]
+    missing = [s for s in ("train", "val", "test") if s not in splits]
+    if missing:
+        raise UserError(f"{data_uri}: the dataset has no {', '.join(missing)} split(s); re-ingest it with "
+                        "`distill data ingest` (it carves val from train)")
+    n_shards = len(splits["train"]["shards"])
+    if n_shards < cfg.teacher.num_workers:
+        raise UserError(f"teacher.num_workers: {cfg.teacher.num_workers} workers but {data_uri} has only "
+                        f"{n_shards} train shard(s) and each worker reads its own; lower "
+                        "teacher.num_workers or re-ingest with a smaller data.shard_size")
+
+
+def run(cfg: Config) -> dict:
+    from pipeline import models, ray_train, training
+    from pipeline.data import shards
+    from pipeline.runner import log
+
+    t0 = time.perf_counter()
+    tc = cfg.teacher
+    data_uri = cfg.stage_uri("data")
+    out = cfg.stage_uri("teacher")
+    manifest = shards.read_manifest(data_uri)
+    _check_data(cfg, manifest)
+    ray_train.check_resources(tc, "teacher")
+
+    ray_uri = storage.join(out, "ray")
+    name = RUN_PREFIX + fingerprint(cfg)
+    # Checkpoints of an earlier config must not be resumed (other model, other data); drop them.
+    ray_train.remove_other_runs(ray_uri, name, RUN_PREFIX)
+    lc = loop_config(cfg, manifest)
+    log(f"teacher: {lc['model']['arch']} on {manifest['splits']['train']['num_samples']} train samples, "
+        f"{tc.num_workers} Ray Train worker(s), {tc.epochs} epochs; checkpoints in {storage.join(ray_uri, name)}")
+    result = ray_train.fit(ray_train.train_loop, lc, tc, ray_uri, name, tc.max_failures)
+    best, best_meta, _last, last_meta = ray_train.best_and_last(result)
+    train_seconds = time.perf_counter() - t0
+
+    with best.as_directory() as d:
+        model, _ = models.load_checkpoint(d)
+    x_test, y_test, _keys = shards.load_split(data_uri, "test")
+    ev = training.evaluate(model, x_test, y_test, batch_size=1024)
+    params = models.count_params(model)
+    best_epoch = int(best_meta["epoch"])
+    best_val = best_meta["history"][-1]["val_error"]
+    models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"],
+                           extra={"stage": "teacher", "epoch": best_epoch, "val_error": best_val,
+                                  "test_error": ev["test_error"]})
+    history = last_meta["history"]
+    metrics = {
+        "test_error": ev["test_error"],
+        "test_errors": ev["test_errors"],
+        "test_samples": ev["n"],
+        "params": params,
+        "best_epoch": best_epoch,
+        "best_val_error": best_val,
+        "epochs": history,
+        "epochs_run": len(history),
+        "early_stopped": len(history) < tc.epochs,
+        "starts": last_meta.get("starts", []),
+        "train_seconds": round(sum(e["seconds"] for e in history), 3),
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+        "num_workers": tc.num_workers,
+        "model": models.resolve_spec(lc["model"]),
+        "ray_run": storage.join(ray_uri, name),
+    }
+    storage.write_json_atomic(storage.join(out, "metrics.json"), metrics)
+    log(f"teacher: test error {100 * ev['test_error']:.2f} % ({ev['test_errors']}/{ev['n']}), "
+        f"best epoch {best_epoch + 1}, {params:,} params, {train_seconds:.0f}s in Ray Train")
+    return {"test_error": ev["test_error"], "params": params}

@@ -1,0 +1,218 @@
+"""The targets stage on Ray Data: regeneration cases, the CLI, SIGKILL mid-write, S3.
+
+These run the product path (an actor pool of `ShardWriter`s under Ray Data, or the `distill` CLI in
+a subprocess that starts its own Ray), so they are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import cache, storage
+from pipeline.cli import main as cli_main
+from pipeline.stages import targets
+
+from _targets_helpers import make_config, replace_shard, write_dataset, write_teacher
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_yaml(cfg, path):
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.model_dump(mode="json"), f)
+    return str(path)
+
+
+def test_regen_cases_on_ray(ray_local, tmp_path):
+    cfg = make_config(str(tmp_path / "run"), num_actors=2)
+    write_dataset(cfg.stage_uri("data"), [40] * 6)
+    write_teacher(cfg)
+    cache_uri = cfg.stage_uri("targets")
+
+    fresh = targets.regenerate(cfg, progress=False)
+    assert (fresh["checked"], fresh["rewritten"], fresh["kept"]) == (6, 6, 0)
+    assert cache.verify_cache(cache_uri)["damaged"] == 0
+    # Ray Data wrote what the in-process writer writes (same teacher, same inputs).
+    local = make_config(str(tmp_path / "run"), uri=str(tmp_path / "local_cache"))
+    targets.regenerate(local, progress=False, use_ray=False, write_marker=False)
+    a, b = cache.load_cache_split(cache_uri), cache.load_cache_split(str(tmp_path / "local_cache"))
+    assert list(a["keys"]) == list(b["keys"])
+    np.testing.assert_allclose(a["teacher"].astype(np.float32), b["teacher"].astype(np.float32), atol=2e-3)
+
+    t0 = time.perf_counter()
+    same = targets.regenerate(cfg, progress=False)
+    assert (same["rewritten"], same["kept"]) == (0, 6)
+    assert time.perf_counter() - t0 < 5.0
+
+    replace_shard(cfg.stage_uri("data"), "train", 4, seed=1234)
+    one = targets.regenerate(cfg, progress=False)
+    assert (one["rewritten"], one["kept"], one["rewritten_shards"]) == (1, 5, ["train-000004"])
+
+    write_teacher(cfg, seed=5)
+    new = targets.regenerate(cfg, progress=False)
+    assert (new["rewritten"], new["stale"]) == (6, 6)
+    assert cache.verify_cache(cache_uri)["damaged"] == 0
+
+
+def test_cli_json_names_a_flipped_byte_and_regen_rewrites_exactly_it(ray_local, tmp_path, capsys):
+    cfg = make_config(str(tmp_path / "run"), format="both")
+    write_dataset(cfg.stage_uri("data"), [25] * 4)
+    write_teacher(cfg)
+    path = _write_yaml(cfg, tmp_path / "cfg.yaml")
+    cache_uri = cfg.stage_uri("targets")
+
+    assert cli_main(["targets", "regen", path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["checked"], out["rewritten"], out["kept"], out["damaged"]) == (4, 4, 0, 0)
+    assert cli_main(["targets", "regen", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rewritten"] == 0
+
+    tar = os.path.join(cache_uri, "train-000002.tar")
+    data = bytearray(open(tar, "rb").read())
+    data[700] ^= 0x10  # inside the first member's payload
+    open(tar, "wb").write(bytes(data))
+    assert cli_main(["targets", "verify", cache_uri, "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["damaged_shards"] == ["train-000002"] and rep["checked"] == 4
+
+    assert cli_main(["targets", "regen", path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["rewritten"], out["damaged"], out["kept"]) == (1, 1, 3)
+    assert cli_main(["targets", "verify", cache_uri]) == 0
+    assert "0 damaged" in capsys.readouterr().out
+
+    assert cli_main(["targets", "verify", str(tmp_path / "nowhere")]) == 2  # a clear UserError
+
+
+def test_stage_through_the_runner_is_skipped_when_up_to_date(ray_local, tmp_path):
+    from pipeline.runner import read_marker, run_stage
+
+    cfg = make_config(str(tmp_path / "run"))
+    write_dataset(cfg.stage_uri("data"), [30, 30])
+    write_teacher(cfg)
+    first = run_stage(cfg, "targets")
+    assert not first["skipped"] and first["rewritten"] == 2 and first["num_samples"] == 60
+    assert read_marker(cfg, "targets")["fingerprint"] == targets.fingerprint(cfg)
+    assert run_stage(cfg, "targets")["skipped"]
+    write_teacher(cfg, seed=9)  # retrained teacher, same config: the stage is stale again
+    again = run_stage(cfg, "targets")
+    assert not again["skipped"] and again["rewritten"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGKILL mid-write, locally and on S3
+
+
+def _subprocess_env():
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _visible_shards(cache_uri):
+    return [n for n in storage.listdir(cache_uri) if n.endswith((".parquet", ".tar")) and not n.startswith(".")]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_sigkill_mid_regeneration_leaves_only_complete_shards(where, tmp_path, request):
+    if where == "s3":
+        root = request.getfixturevalue("s3_bucket") + "/run"
+    else:
+        root = str(tmp_path / "run")
+    cfg = make_config(root, format="both", num_actors=2)
+    sizes = [1000] * 12
+    write_dataset(cfg.stage_uri("data"), sizes)
+    write_teacher(cfg, hidden=(256, 256))
+    cfg_path = _write_yaml(cfg, tmp_path / "cfg.yaml")
+    cache_uri = cfg.stage_uri("targets")
+    parts = storage.join(cache_uri, cache.PARTS_DIR)
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "targets", "regen", cfg_path],
+                            env=_subprocess_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not storage.listdir(parts):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no shard was written in time"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-job, as on a node failure
+        proc.wait(timeout=30)
+        time.sleep(2.0)  # let Ray workers notice; anything they still publish must be complete too
+    finally:
+        # Ray's own helper processes were started in this session: end exactly them.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    from conftest import TEST_SECRET_KEY
+
+    assert TEST_SECRET_KEY not in proc.stderr.read().decode(errors="replace")  # credentials never printed
+    names = storage.listdir(cache_uri)
+    assert cache.MANIFEST_NAME not in names  # an interrupted job reads as incomplete
+    shards = _visible_shards(cache_uri)
+    done = storage.listdir(parts)
+    assert 1 <= len(done) < len(sizes), "the kill must land mid-job for this test to mean anything"
+    for name in shards:  # every visible shard file is complete and readable
+        arrays = cache.load_cache_shard(storage.join(cache_uri, name))
+        assert len(arrays["keys"]) == sizes[0]
+        assert np.isfinite(arrays["generalist_logits"].astype(np.float32)).all()
+    with pytest.raises(Exception, match="interrupted"):
+        cache.read_manifest(cache_uri)
+
+    # The rerun runs the writer in-process: what is under test is that the plan keeps the finished
+    # shards and redoes the rest (a second Ray start in a subprocess would add ~20 s here).
+    report = targets.regenerate(make_config(root, format="both"), progress=False, use_ray=False)
+    assert report["kept"] >= len(done) and report["rewritten"] == len(sizes) - report["kept"]
+    rep = cache.verify_cache(cache_uri)
+    assert (rep["checked"], rep["damaged"], rep["orphans"]) == (len(sizes), 0, [])
+    assert not [n for n in storage.listdir(cache_uri) if n.startswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------------
+# S3 round trip (readers, damage detection), writer in-process
+
+
+def test_s3_round_trip(s3_bucket, tmp_path):
+    cfg = make_config(s3_bucket + "/run", format="both")
+    write_dataset(cfg.stage_uri("data"), [20, 20, 11])
+    write_teacher(cfg)
+    r = targets.regenerate(cfg, progress=False, use_ray=False)
+    assert r["rewritten"] == 3
+    cache_uri = cfg.stage_uri("targets")
+    assert cache_uri.startswith("s3://")
+    assert cache.verify_cache(cache_uri)["damaged"] == 0
+
+    local = make_config(str(tmp_path / "run"), format="both")
+    write_dataset(local.stage_uri("data"), [20, 20, 11])
+    write_teacher(local)
+    targets.regenerate(local, progress=False, use_ray=False)
+    for fmt in ("parquet", "webdataset"):
+        s3 = cache.load_joined(cache_uri, fmt=fmt)
+        loc = cache.load_joined(local.stage_uri("targets"), fmt=fmt)
+        assert np.array_equal(s3["x"], loc["x"]) and np.array_equal(s3["y"], loc["y"])
+        assert np.array_equal(s3["teacher"], loc["teacher"])
+
+    key = storage.join(cache_uri, "train-000001.parquet")
+    data = bytearray(storage.read_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes_atomic(key, bytes(data))
+    rep = cache.verify_cache(cache_uri)
+    assert rep["damaged_shards"] == ["train-000001"]
+    r = targets.regenerate(cfg, progress=False, use_ray=False)
+    assert (r["rewritten"], r["damaged"]) == (1, 1)
+    assert cache.verify_cache(cache_uri)["damaged"] == 0
+    assert pq.read_table(storage.open_read(key)).num_rows == 20
