@@ -167,7 +167,7 @@ def render_report(cfg: Config, summary: dict) -> str:
     out += ["## Specialists", ""]
     subsets = cluster.get("subsets") or []
     if subsets:
-        ari = cluster_metrics.get("adjusted_rand_index")
+        ari = cluster_metrics.get("ari")
         if ari is not None:
             out.append(f"Adjusted Rand index of the clusters against the known class groups: {ari:.2f}.")
             out.append("")
