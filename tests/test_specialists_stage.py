@@ -58,6 +58,9 @@ def _spec_metrics(root, m):
 def test_specialists_train_in_parallel_survive_a_failure_and_beat_the_generalist(base_run, tmp_path, ray_local, monkeypatch):
     root = str(tmp_path / "run")
     cfg = _copy(base_run, root)
+    # Asking the 2-CPU local Ray for a GPU per specialist would leave the trials pending forever.
+    with pytest.raises(UserError, match="specialists.gpus_per_specialist"):
+        spec_stage.run(_copy(base_run, str(tmp_path / "gpu"), **{"specialists.gpus_per_specialist": 1}))
     subsets = storage.read_json(os.path.join(root, "cluster", "specialists.json"))["subsets"]
     assert len(subsets) == 2
     # Specialist 0 raises after its first epoch, once: Tune must retry it alone, from its saved epoch.

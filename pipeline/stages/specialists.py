@@ -157,6 +157,32 @@ def _log_callback():
 # Driver
 
 
+def _check_resources(cfg: Config) -> None:
+    """On a local Ray (no autoscaler to add nodes) a trial asking for more than exists would wait forever."""
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    sc = cfg.specialists
+    for key, want, res in (("cpus_per_specialist", sc.cpus_per_specialist, "CPU"),
+                           ("gpus_per_specialist", sc.gpus_per_specialist, "GPU")):
+        if want > have.get(res, 0):
+            raise UserError(f"specialists.{key}: {want} {res}(s) per specialist but the local Ray has "
+                            f"{have.get(res, 0):g}; lower specialists.{key} (or run on a cluster with ray.address)")
+
+
+def _parallel_slots(sc) -> int:
+    """How many specialists the Ray cluster can train at once (its CPUs/GPUs, max_concurrent)."""
+    import ray
+
+    total = ray.cluster_resources()
+    slots = int(float(total.get("CPU", 0)) // sc.cpus_per_specialist)
+    if sc.gpus_per_specialist > 0:
+        slots = min(slots, int(float(total.get("GPU", 0)) // sc.gpus_per_specialist))
+    return min(slots, sc.max_concurrent) if sc.max_concurrent else slots
+
+
 def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]], todo: list[int],
               fingerprints: list[str]) -> dict:
     """Train specialists `todo` as parallel Tune trials; returns timing info. Raises if any fails."""
@@ -166,6 +192,7 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
 
     sc = cfg.specialists
     out = cfg.stage_uri("specialists")
+    _check_resources(cfg)
     fail_list = os.environ.get(FAIL_ENV, "").strip()
     job = {
         "data_uri": cfg.stage_uri("data"), "teacher_uri": cfg.stage_uri("teacher"), "out_uri": out,
@@ -181,8 +208,13 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
         trainable,
         param_space={"m": tune.grid_search(todo)},
         # reuse_actors: a finished trial hands its worker process (torch already imported) to the
-        # next one; without it each specialist pays seconds of process start-up.
-        tune_config=tune.TuneConfig(max_concurrent_trials=sc.max_concurrent, reuse_actors=True,
+        # next one; without it each specialist pays seconds of process start-up. Only when
+        # specialists queue for slots, though: when all run at once, a quick one would take over a
+        # trial whose own process is still starting on another node, and the specialists would
+        # train one after the other on one node (seen on two 1-CPU nodes: both trials in one
+        # process) instead of side by side across the cluster.
+        tune_config=tune.TuneConfig(max_concurrent_trials=sc.max_concurrent,
+                                    reuse_actors=len(todo) > _parallel_slots(sc),
                                     trial_name_creator=lambda t: spec_dirname(t.config["m"]),
                                     trial_dirname_creator=lambda t: spec_dirname(t.config["m"])),
         run_config=tune.RunConfig(
@@ -203,7 +235,7 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
             errors[int(r.config["m"])] = r.error
     missing = [m for m in todo if not is_complete(spec_uri(cfg, m), fingerprints[m])]
     if missing:
-        detail = "; ".join(f"spec {m}: {str(errors.get(m, 'no checkpoint written')).splitlines()[-1][:300]}"
+        detail = "; ".join(f"spec {m}: {(str(errors.get(m, 'no checkpoint written')).strip().splitlines() or ['?'])[-1][:300]}"
                            for m in missing)
         raise RuntimeError(
             f"specialists {missing} failed after {sc.max_failures} retries each ({detail}). The other "
