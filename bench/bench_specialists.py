@@ -64,6 +64,18 @@ def max_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
+def calibration_ms() -> float:
+    """Median time of one fixed memory-bound op (sum of a 256 x 15,000 float64 array), so results
+    taken on a shared, loaded machine can be compared with others (~2 ms on an idle modern core)."""
+    x = np.random.default_rng(0).standard_normal((256, 15000))
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)) * 1e3, 2)
+
+
 def log(msg: str) -> None:
     print(f"[bench_specialists] {msg}", file=sys.stderr, flush=True)
 
@@ -179,7 +191,8 @@ def main(argv=None) -> dict:
     groups = rng.permutation(np.arange(p["num_classes"]) % p["num_groups"])
     result = {"size": "quick" if args.quick else "full", "params": p,
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "load_avg_start": [round(x, 2) for x in os.getloadavg()]}}
+                          "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+                          "calibration_sum_ms_start": calibration_ms()}}
     tracemalloc.start()
     t_all = time.perf_counter()
     log(f"covariance over {p['samples']} samples at C={p['num_classes']} ...")
@@ -194,6 +207,7 @@ def main(argv=None) -> dict:
     result["total_seconds"] = round(time.perf_counter() - t_all, 1)
     result["max_rss_mb"] = max_rss_mb()
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"]["calibration_sum_ms_end"] = calibration_ms()
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -137,7 +137,7 @@ def main() -> int:
         "config": os.path.relpath(args.config, ROOT) if os.path.isabs(args.config) else args.config,
         "samples": n, "batch_size": bs, "epochs_per_round": args.epochs, "rounds": args.rounds,
         "threads": args.threads,
-        "student": {"model": job["model"], "params": models.count_params(fresh()[0])},
+        "student": {"model": models.resolve_spec(job["model"]), "params": models.count_params(fresh()[0])},
         "teacher": {"specialists": len(ensemble.specialists)},
         "cache": {"dtype": manifest["dtype"], "top_k": manifest.get("top_k"), "format": manifest["formats"][0],
                   "load_s": round(cache_load_s, 3), "bytes_per_sample": cache.describe_bytes(manifest)},

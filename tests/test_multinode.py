@@ -9,10 +9,11 @@ the S3 settings, as on a cluster whose nodes know nothing of the bucket: a run s
 - test_submit_quickstart_to_two_nodes_lands_in_s3: the quickstart (shrunk by overrides) submitted
   with `distill submit`; every stage's marker, summary.json and report.md land in the bucket, the
   specialists are trained on both nodes, and submitting again skips every stage.
-- test_worker_node_killed_mid_stage_recovers: the same run with a longer student trained by two
-  Ray Train workers (one per node); once its first checkpoint is in the bucket the worker node is
+- test_worker_node_killed_mid_stage_recovers: the same run resubmitted with the distilled student's
+  own T/alpha (only that student and the report rerun), trained by two Ray Train workers, one per
+  node. Once Ray Train has registered its first checkpoint in the bucket, the worker node is
   SIGKILLed (every process of it) and a fresh node joins. Ray Train restarts the worker group, the
-  student resumes from the checkpoint instead of epoch 0, and the run completes.
+  student resumes after that checkpoint instead of at epoch 0, and the run completes.
 """
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS
 NODE_DROPS = S3_ENV + ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_SESSION_TOKEN")
 
 # The quickstart, small enough for 2 CPUs: 17 shards of 100 samples, 2 teacher epochs (2 Ray Train
-# workers, one per node), 2 specialists of 1 epoch (one Tune trial per node), 2 tune trials.
+# workers, one per node), 2 specialists of 1 epoch (one Tune trial per node), 2 tune trials of 1
+# epoch, students of 3 epochs.
 SMALL = [
     "data.synthetic.train=1200", "data.synthetic.test=400", "data.shard_size=100",
     "teacher.epochs=2", "cluster.num_specialists=2", "specialists.epochs=1",
-    "student.epochs=1", "tune.T=[2.0]", "tune.alpha=[0.5,0.9]", "tune.epochs=1",
+    "student.epochs=3", "tune.T=[2.0]", "tune.alpha=[0.5,0.9]", "tune.epochs=1",
 ]
 
 
@@ -176,21 +178,26 @@ def test_submit_quickstart_to_two_nodes_lands_in_s3(quickstart_run):
     print(f"first submit {r['seconds']:.0f}s, idempotent resubmit {seconds:.0f}s")
 
 
-def _new_checkpoint_dirs(fs, ray_root: str, prefix: str, old: set[str]) -> list[str]:
-    """Checkpoint folders of a Ray Train run `{prefix}*` under ray_root that was not there before."""
-    found = []
+def _registered_epoch(fs, ray_root: str, prefix: str, old: set[str]):
+    """Epoch of the latest checkpoint Ray Train has *registered* for a run `{prefix}*` under
+    ray_root that was not there before (None if none yet). A checkpoint folder appears in storage
+    as soon as its upload starts; only the controller's snapshot says a restart would resume from
+    it."""
     try:
         runs = [p for p in fs.ls(ray_root, detail=False) if p.rsplit("/", 1)[-1].startswith(prefix)]
     except FileNotFoundError:
-        return []
+        return None
     for run in runs:
         if run.rsplit("/", 1)[-1] in old:
             continue
         try:
-            found += [p for p in fs.ls(run, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_")]
+            snap = _read_json(fs, f"{run}/checkpoint_manager_snapshot.json")
         except FileNotFoundError:
-            pass
-    return found
+            continue
+        latest = snap.get("latest_checkpoint_result") or {}
+        if "epoch" in (latest.get("metrics") or {}):
+            return int(latest["metrics"]["epoch"])
+    return None
 
 
 def test_worker_node_killed_mid_stage_recovers(quickstart_run):
@@ -200,44 +207,50 @@ def test_worker_node_killed_mid_stage_recovers(quickstart_run):
     worker = next(n for n in cluster.nodes[1:] if n.proc.poll() is None)
     ray_root = f"{run}/student/ray"
     old_runs = {p.rsplit("/", 1)[-1] for p in fs.ls(ray_root, detail=False)}
+    before = _read_json(fs, f"{run}/student/metrics.json")
     old_report = _read_json(fs, f"{run}/report/_stage.json")
 
-    # A longer student (new fingerprint: tune, student and report rerun; upstream stages are kept),
-    # trained by two Ray Train workers, which on two 1-CPU nodes means one per node. Each epoch is
-    # padded by the fault-injection hook so there is time to kill the node between checkpoints.
-    epochs = 4
-    overrides = [f"output_dir=s3://{run}", *SMALL, f"student.epochs={epochs}", "student.num_workers=2"]
+    # The user tries their own T/alpha: only the distilled student (and the report) rerun. Two Ray
+    # Train workers on two 1-CPU nodes means one per node. Each epoch is padded by the
+    # fault-injection hook so the node dies between checkpoints, not after the last one.
+    overrides = [f"output_dir=s3://{run}", *SMALL, "student.use_tuned=false", "student.T=3.0",
+                 "student.alpha=0.7", "student.num_workers=2"]
     sub = Submission(cluster, r["logs"] / "submit-kill.log", overrides,
-                     extra_env={"DISTILL_FAULT_INJECT": json.dumps({"epoch_sleep": 3.0})})
+                     extra_env={"DISTILL_FAULT_INJECT": json.dumps({"epoch_sleep": 4.0})})
     deadline = time.monotonic() + 600
-    while not _new_checkpoint_dirs(fs, ray_root, "baseline-", old_runs):
+    while (registered := _registered_epoch(fs, ray_root, "distilled-", old_runs)) is None:
         assert sub.proc.poll() is None, f"run ended before the student checkpointed:\n{sub.tail()}"
         assert time.monotonic() < deadline, f"no student checkpoint after 600s:\n{sub.tail()}"
         time.sleep(0.5)
 
-    killed_id = set(cluster.alive_node_ids())
+    alive_before = set(cluster.alive_node_ids())
     pids = worker.kill()
     assert pids, "the worker node had no processes to kill"
-    # A fresh node takes the dead one's place (the restarted worker group needs two CPUs again).
-    cluster.wait_for(lambda ns: sum(n["state"] == "ALIVE" for n in ns) == 1, 120, "the killed node to be declared dead")
-    killed_id -= set(cluster.alive_node_ids())
+    cluster.wait_for(lambda ns: sum(n["state"] == "ALIVE" for n in ns) == 1, 120,
+                     "the killed node to be declared dead")
+    killed = alive_before - set(cluster.alive_node_ids())
+    # A fresh node takes the dead one's place: the restarted worker group needs two CPUs again.
     cluster.start_worker(num_cpus=1, object_store_mb=150)
 
     code, out, seconds = sub.wait(900)
     assert code == 0, out[-8000:]
-    states = {n["node_id"]: n["state"] for n in cluster.node_states()}
-    assert [states[k] for k in killed_id] == ["DEAD"]
-
-    student = _read_json(fs, f"{run}/student/metrics.json")
-    starts = student["baseline"]["starts"]
-    # Restarted once, from the checkpoint: the second start is past epoch 0, and no epoch is missing.
-    assert len(starts) == 2 and starts[0] == 0 and 1 <= starts[1] < epochs, starts
-    assert student["baseline"]["epochs_run"] == epochs
-    assert [e["epoch"] for e in student["baseline"]["epochs"]] == list(range(epochs))
-    assert student["distilled"]["starts"] == [0]
-    assert _read_json(fs, f"{run}/report/_stage.json")["fingerprint"] != old_report["fingerprint"]
+    assert [n["state"] for n in cluster.node_states() if n["node_id"] in killed] == ["DEAD"]
+    epochs = 3
+    distilled = _read_json(fs, f"{run}/student/metrics.json")["distilled"]
+    starts = distilled["starts"]
+    # Restarted once, right after the checkpoint registered before the kill (or a later one), and
+    # no epoch is missing or repeated in the history.
+    assert len(starts) == 2 and starts[0] == 0 and registered + 1 <= starts[1] < epochs, (starts, registered)
+    assert [e["epoch"] for e in distilled["epochs"]] == list(range(epochs))
+    assert (distilled["T"], distilled["alpha"]) == (3.0, 0.7)
+    assert 0.0 <= distilled["test_error"] <= 1.0
     summary = _read_json(fs, f"{run}/summary.json")
-    assert 0.0 <= summary["models"]["student_baseline"]["test_error"] <= 1.0
-    for stage in ("data", "teacher", "cluster", "specialists", "targets"):
+    assert summary["models"]["student_distilled"]["T"] == 3.0
+    assert _read_json(fs, f"{run}/report/_stage.json")["fingerprint"] != old_report["fingerprint"]
+    for stage in ("data", "teacher", "cluster", "specialists", "targets", "tune"):
         assert f"stage {stage}: up to date" in out, stage
-    print(f"run with a node killed mid-student: {seconds:.0f}s; baseline starts {starts}")
+    # The baseline did not change: its finished Ray Train run was found and not retrained.
+    after = _read_json(fs, f"{run}/student/metrics.json")["baseline"]
+    assert after["starts"] == before["baseline"]["starts"] == [0]
+    print(f"run with a node killed mid-student: {seconds:.0f}s; checkpoint of epoch {registered} "
+          f"registered before the kill, distilled starts {starts}")

@@ -277,7 +277,7 @@ def _problem(B=12, C=30, seed=0, dtype=torch.float64):
 def test_fixed_point_and_gradient_descent_agree():
     p_g, spec, subsets, active = _problem()
     q_fp, log_fp = combine_fixed_point(p_g, spec, subsets, active, iters=500, tol=1e-14)
-    q_gd, log_gd = combine_gradient_descent(p_g, spec, subsets, active, iters=1500)
+    q_gd, log_gd = combine_gradient_descent(p_g, spec, subsets, active, iters=500)
     torch.testing.assert_close(q_fp, q_gd, atol=1e-6, rtol=0)
     f_fp, f_gd = objective(q_fp, p_g, spec, subsets, active), objective(q_gd, p_g, spec, subsets, active)
     assert (f_fp <= f_gd + 1e-10).all()
@@ -355,7 +355,7 @@ def test_combine_from_logits_float32_and_input_checks():
     pg64 = torch.softmax(logits_g.double(), 1)
     q_ref, _ = combine_fixed_point(pg64, spec_c, subsets, active_mask(pg64, subsets, 2), iters=200)
     torch.testing.assert_close(log_q.double().exp(), q_ref, atol=1e-6, rtol=1e-5)
-    log_q_gd = combine(logits_g, spec_logits, subsets, top_n=2, method="gradient", iters=1500,
+    log_q_gd = combine(logits_g, spec_logits, subsets, top_n=2, method="gradient", iters=500,
                        dustbin_corrections=corr)
     torch.testing.assert_close(log_q_gd.exp(), log_q.exp(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="expected"):
