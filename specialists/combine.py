@@ -103,8 +103,8 @@ def active_mask(p_g: torch.Tensor, subsets: SubsetsLike, top_n: int = 1) -> torc
     """
     idx = SubsetIndex.of(subsets, p_g.shape[1], p_g.device)
     n = max(1, min(int(top_n), p_g.shape[1]))
-    # argmax is ~10x faster than topk(1) on wide rows (the paper's n = 1 is the common case)
-    top = p_g.argmax(dim=1, keepdim=True) if n == 1 else p_g.topk(n, dim=1).indices  # (B, n)
+    # For the paper's n = 1, max() is several times faster than topk(1) or argmax() on wide rows.
+    top = p_g.max(dim=1, keepdim=True).indices if n == 1 else p_g.topk(n, dim=1).indices  # (B, n)
     return idx.member[:, top].any(dim=2).T.contiguous()    # (M, B, n) -> (B, M)
 
 

@@ -298,12 +298,19 @@ def test_wrong_or_missing_token_is_exit_2_without_the_token(token_head, monkeypa
     assert "403" in msg and "RAY_AUTH_TOKEN" in msg
     assert wrong not in msg and token_head.token not in msg
 
+    # No token anywhere: a fresh process, because a Ray started earlier in this test process
+    # (other test files) leaves its own token cached inside Ray's client, which would be sent.
     monkeypatch.delenv("RAY_AUTH_TOKEN")  # and HOME has no ~/.ray/auth_token
-    code = main(["submit", str(QUICKSTART), "--address", token_head.dashboard_url, "output_dir=s3://b/x"])
-    captured = capsys.readouterr()
-    assert code == 2
-    assert "401" in captured.err and "~/.ray/auth_token" in captured.err
-    assert token_head.token not in captured.out + captured.err
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "submit", str(QUICKSTART), "--address",
+         token_head.dashboard_url, "output_dir=s3://b/x"],
+        cwd=str(ROOT), env=dict(os.environ), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "401" in proc.stderr and "~/.ray/auth_token" in proc.stderr
+    assert token_head.token not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

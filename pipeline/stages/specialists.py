@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
