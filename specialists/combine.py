@@ -318,6 +318,28 @@ def objective(
     return out
 
 
+def _minimise(z: torch.Tensor, loss_fn: Callable[[], torch.Tensor], optimizer: str, iters: int,
+              lr: Optional[float]) -> None:
+    """Optimise the leaf tensor z in place by Adam or L-BFGS on loss_fn()."""
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS([z], lr=lr or 1.0, max_iter=iters, max_eval=iters * 2, history_size=20,
+                                tolerance_grad=1e-12, tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        opt = torch.optim.Adam([z], lr=lr or 0.05)
+        for _ in range(iters):
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+
+
 def combine_gradient_descent(
     p_g: torch.Tensor,
     spec_probs: Sequence[torch.Tensor],
@@ -358,9 +380,9 @@ def combine_gradient_descent(
     pr = _pack(spec_probs, sidx, active, cd)
     if pr.rows.numel() == 0:
         return q_full, log_q_full
-    pg = p_g[pr.rows].to(cd)
-    z0 = log_p_g[pr.rows].to(cd) if log_p_g is not None else _safe_log(pg)
-    z = z0.clone().requires_grad_(True)
+    pg = p_g[pr.rows].detach().to(cd)
+    z0 = log_p_g[pr.rows].detach().to(cd) if log_p_g is not None else _safe_log(pg)
+    z = z0.clone().requires_grad_(True)  # a fresh leaf, whatever graph the inputs came from
     not_member = ~sidx.member
     ent_g = torch.xlogy(pg, pg).sum()
 
@@ -370,23 +392,8 @@ def combine_gradient_descent(
         log_q = z - torch.logsumexp(z, dim=1, keepdim=True)
         return ent_g - (pg * log_q).sum() + _pair_terms(log_q, pr, not_member).sum()
 
-    if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS([z], lr=lr or 1.0, max_iter=iters, max_eval=iters * 2, history_size=20,
-                                tolerance_grad=1e-12, tolerance_change=0.0, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    else:
-        opt = torch.optim.Adam([z], lr=lr or 0.05)
-        for _ in range(iters):
-            opt.zero_grad()
-            loss_fn().backward()
-            opt.step()
+    with torch.enable_grad():  # callers often run inference under no_grad; this needs autograd
+        _minimise(z, loss_fn, optimizer, iters, lr)
 
     with torch.no_grad():
         log_q = z - torch.logsumexp(z, dim=1, keepdim=True)

@@ -358,6 +358,10 @@ def test_combine_from_logits_float32_and_input_checks():
     log_q_gd = combine(logits_g, spec_logits, subsets, top_n=2, method="gradient", iters=500,
                        dustbin_corrections=corr)
     torch.testing.assert_close(log_q_gd.exp(), log_q.exp(), atol=1e-5, rtol=0)
+    with torch.no_grad():  # inference code calls it under no_grad; the gradient method still works
+        log_q_ng = combine(logits_g, spec_logits, subsets, top_n=2, method="gradient", iters=500,
+                           dustbin_corrections=corr)
+    torch.testing.assert_close(log_q_ng, log_q_gd)
     with pytest.raises(ValueError, match="expected"):
         combine(logits_g, spec_logits[:-1] + [torch.zeros(12, 3)], subsets)
     with pytest.raises(ValueError, match="method"):
