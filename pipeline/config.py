@@ -120,6 +120,10 @@ class ClusterConfig(_Section):
     min_size: int = Field(2, ge=1, description="Clusters with fewer classes get no specialist.")
     max_size: Optional[int] = Field(None, ge=2, description="Largest subset allowed.")
     seed: int = Field(0, description="k-means seed.")
+    self_similarity: Literal["max", "zero", "keep"] = Field(
+        "max", description="Each class's own coordinate before k-means: its strongest confusion (max), "
+        "0, or the correlation diagonal 1 (keep); see specialists.clustering.class_points."
+    )
     batch_size: int = Field(1024, ge=1, description="Inference batch size on val.")
 
 

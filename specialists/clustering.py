@@ -153,7 +153,7 @@ class CovarianceAccumulator:
 # Clustering
 # -------------------------------------------------------------------------------------------------
 
-def class_points(cov: np.ndarray, normalize: str = "correlation") -> np.ndarray:
+def class_points(cov: np.ndarray, normalize: str = "correlation", self_similarity: str = "max") -> np.ndarray:
     """One point per class for k-means: the (normalised) covariance columns, as rows of a matrix.
 
     Why normalise: a raw covariance column scales with how often the generalist predicts the class,
@@ -168,6 +168,20 @@ def class_points(cov: np.ndarray, normalize: str = "correlation") -> np.ndarray:
     * ``"unit"``: columns of the covariance scaled to unit length (keeps per-coordinate scale).
     * ``"none"``: raw columns.
 
+    `self_similarity` sets each class's own coordinate (the diagonal) before the unit scaling, for
+    ``"correlation"`` and ``"unit"``:
+
+    * ``"max"`` (default): the class's strongest off-diagonal entry. A correlation diagonal is 1
+      while confusions are small (a strong generalist's are often 0.1-0.3), so with the diagonal kept
+      every point is dominated by its own axis, all points are nearly orthogonal and k-means groups
+      classes almost at random. Zeroing it fixes that but makes a confused *pair* {a, b} orthogonal
+      on the coordinates they share (a = r*e_b + ..., b = r*e_a + ...). Setting the diagonal to
+      the strongest confusion gives a and b the same two large coordinates. Measured on the
+      Fashion-MNIST generalist (7.5 % error) at K = 4: ``"keep"`` finds {Shirt}, {Bag}, {Pullover}
+      and one cluster of the other 7; ``"max"`` finds {Pullover, Coat}, {T-shirt, Shirt},
+      {Sneaker, Ankle boot} and {Trouser, Dress, Sandal, Bag}.
+    * ``"zero"``: 0 on the diagonal. ``"keep"``: the covariance's own diagonal.
+
     Args:
         cov: (C, C) symmetric covariance.
     Returns:
@@ -175,6 +189,8 @@ def class_points(cov: np.ndarray, normalize: str = "correlation") -> np.ndarray:
     """
     if normalize not in ("correlation", "unit", "none"):
         raise ValueError(f"normalize must be 'correlation', 'unit' or 'none', got {normalize!r}")
+    if self_similarity not in ("max", "zero", "keep"):
+        raise ValueError(f"self_similarity must be 'max', 'zero' or 'keep', got {self_similarity!r}")
     cov = np.asarray(cov)
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"cov must be a square (C, C) matrix, got shape {cov.shape}")
@@ -195,6 +211,14 @@ def class_points(cov: np.ndarray, normalize: str = "correlation") -> np.ndarray:
         if normalize == "correlation":
             block *= inv32[i:j, None]
             block *= inv32[None, :]
+        if normalize != "none" and self_similarity != "keep" and C > 1:
+            rows = np.arange(j - i)
+            diag = (rows, rows + i)
+            if self_similarity == "zero":
+                block[diag] = 0.0
+            else:
+                block[diag] = -np.inf
+                block[diag] = block.max(axis=1)
         if normalize != "none":
             norm = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64)).astype(np.float32)
             np.divide(block, norm[:, None], out=block, where=norm[:, None] > 0)
@@ -277,6 +301,7 @@ def cluster_classes(
     seed: int = 0,
     batch_size: int = 1024,
     normalize: str = "correlation",
+    self_similarity: str = "max",
     n_components: Optional[int] = None,
     max_iter: int = 100,
     n_init: int = 3,
@@ -313,7 +338,7 @@ def cluster_classes(
         max_size: largest cluster allowed (disjoint mode); with `subset_size` it must be >= it.
         seed: random state of k-means (and of the projection); same seed, same subsets.
         batch_size: k-means mini-batch size.
-        normalize: see `class_points`.
+        normalize, self_similarity: see `class_points`.
         n_components: project to this many dimensions first (None: exact columns).
         max_iter: passes of mini-batch k-means over the classes.
         n_init: k-means restarts; the best inertia wins.
@@ -332,7 +357,7 @@ def cluster_classes(
     if subset_size is not None and max_size is not None and subset_size > max_size:
         raise ValueError(f"subset_size {subset_size} exceeds max_size {max_size}")
 
-    points = class_points(cov, normalize)
+    points = class_points(cov, normalize, self_similarity)
     if n_components is not None and n_components < C:
         from sklearn.utils.extmath import randomized_svd
 

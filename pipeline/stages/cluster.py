@@ -106,7 +106,7 @@ def run(cfg: Config) -> dict:
     del acc
 
     subsets = cluster_classes(cov, cc.num_specialists, subset_size=cc.subset_size, min_size=cc.min_size,
-                              max_size=cc.max_size, seed=cc.seed)
+                              max_size=cc.max_size, seed=cc.seed, self_similarity=cc.self_similarity)
     if not subsets:
         raise UserError(f"cluster: every one of the {cc.num_specialists} clusters has fewer than cluster.min_size="
                         f"{cc.min_size} classes, so no specialist would be trained; lower cluster.min_size or "
