@@ -72,6 +72,8 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.tarfast import BLOCK as _BLOCK, USTAR_MAGIC as _USTAR_MAGIC, headers as _tar_headers
+from pipeline.tarfast import npy_header as _npy_header, octal_values as _octal_values, padded as _padded
 
 FORMAT_VERSION = 1
 KIND = "distill-soft-targets"
@@ -268,15 +270,6 @@ def topk_to_dense(idx: Any, val: Any, tail: Any, num_classes: int):
 # Writing one shard
 
 
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The .npy header of an array of this dtype/shape (identical for every sample of a field)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
-    )
-    return buf.getvalue()
-
-
 def _labels_or_none(labels: Optional[np.ndarray], n: int) -> Optional[np.ndarray]:
     """int64 labels with -1 for "no label", or None when the shard is unlabelled."""
     if labels is None:
@@ -376,48 +369,7 @@ def write_webdataset(path: str, keys: Sequence[str], labels: Optional[np.ndarray
 # Tar with array operations. Every sample of a cache shard has the same members with the same sizes
 # (only the label's digit count varies, always within one block), so the archive is a (N, period)
 # byte matrix: headers are built and checked for all samples at once instead of member by member.
-_BLOCK = 512
 _MAX_LABEL_CHARS = 20
-
-
-def _padded(size: int) -> int:
-    return -(-int(size) // _BLOCK) * _BLOCK
-
-
-def _tar_template() -> np.ndarray:
-    info = tarfile.TarInfo("x")
-    info.size = 0
-    h = np.frombuffer(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), dtype=np.uint8).copy()
-    h[:100] = 0
-    return h
-
-
-_TAR_TEMPLATE = _tar_template()
-_USTAR_MAGIC = np.frombuffer(b"ustar\x00", dtype=np.uint8)
-
-
-def _octal_digits(values: np.ndarray, width: int) -> np.ndarray:
-    powers = 8 ** np.arange(width - 1, -1, -1, dtype=np.int64)
-    return ((np.asarray(values, dtype=np.int64)[:, None] // powers[None, :]) % 8 + 48).astype(np.uint8)
-
-
-def _octal_values(fields: np.ndarray) -> Optional[np.ndarray]:
-    d = fields.astype(np.int64) - 48
-    if d.size and (d.min() < 0 or d.max() > 7):
-        return None
-    return d @ (8 ** np.arange(fields.shape[1] - 1, -1, -1, dtype=np.int64))
-
-
-def _tar_headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """(N, 512) ustar headers, byte for byte what `tarfile` writes for a default TarInfo."""
-    h = np.repeat(_TAR_TEMPLATE[None, :], len(names), axis=0)
-    h[:, :names.shape[1]] = names
-    h[:, 124:135] = _octal_digits(sizes, 11)
-    h[:, 135] = 0
-    h[:, 148:156] = 32  # the checksum is computed with its own field as spaces
-    h[:, 148:154] = _octal_digits(h.sum(axis=1, dtype=np.int64), 6)
-    h[:, 154] = 0
-    return h
 
 
 def _tar_fast(keys: Sequence[str], y: Optional[np.ndarray],

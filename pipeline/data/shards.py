@@ -31,6 +31,8 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.tarfast import BLOCK as _BLOCK, USTAR_MAGIC as _USTAR, headers as _headers, npy_header
+from pipeline.tarfast import octal_values as _octal, padded as _padded
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,11 +41,6 @@ INPUT_EXT = "input.npy"
 LABEL_EXT = "cls"
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9]+)-(?P<index>\d{6})\.tar$")
 DTYPES = ("uint8", "float32")
-_BLOCK = 512  # tar block size
-
-
-def _padded(size: int) -> int:
-    return -(-size // _BLOCK) * _BLOCK
 
 
 class ShardError(RuntimeError):
@@ -62,16 +59,6 @@ def sample_key(split: str, index: int) -> str:
 # Encoding
 # ---------------------------------------------------------------------------------------------
 
-def npy_header(dtype: np.dtype, shape: Sequence[int]) -> bytes:
-    """The exact header `np.save` writes for one array of this dtype and shape (format 1.0)."""
-    bio = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        bio, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-              "shape": tuple(int(s) for s in shape)}
-    )
-    return bio.getvalue()
-
-
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     # TarInfo's defaults (mtime 0, mode 0644, uid/gid 0, no owner names) keep the bytes reproducible.
     info = tarfile.TarInfo(name)
@@ -89,35 +76,6 @@ def encode_shard_tarfile(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[
                 _add_member(tf, f"{keys[i]}.{LABEL_EXT}", str(int(y[i])).encode("ascii"))
             _add_member(tf, f"{keys[i]}.{INPUT_EXT}", header + x[i].tobytes())
     return buf.getvalue()
-
-
-def _template_header() -> np.ndarray:
-    info = tarfile.TarInfo("x")
-    info.size = 0
-    h = np.frombuffer(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), dtype=np.uint8).copy()
-    h[:100] = 0
-    return h
-
-
-_TEMPLATE = _template_header()
-
-
-def _octal_digits(values: np.ndarray, width: int) -> np.ndarray:
-    powers = 8 ** np.arange(width - 1, -1, -1, dtype=np.int64)
-    return ((values[:, None] // powers[None, :]) % 8 + 48).astype(np.uint8)
-
-
-def _headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """(N, 512) ustar headers, byte for byte what tarfile writes for TarInfo defaults."""
-    n = len(names)
-    h = np.repeat(_TEMPLATE[None, :], n, axis=0)
-    h[:, :names.shape[1]] = names
-    h[:, 124:135] = _octal_digits(sizes, 11)
-    h[:, 135] = 0
-    h[:, 148:156] = 32  # the checksum is computed with its own field as spaces
-    h[:, 148:154] = _octal_digits(h.sum(axis=1, dtype=np.int64), 6)
-    h[:, 154] = 0
-    return h
 
 
 def _encode_shard_arrays(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[str]) -> Optional[bytes]:
@@ -203,16 +161,7 @@ def _split_member(mname: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (ext if dot else "")
 
 
-_USTAR = np.frombuffer(b"ustar\x00", dtype=np.uint8)
 _MAX_LABEL_CHARS = 20
-
-
-def _octal(fields: np.ndarray) -> Optional[np.ndarray]:
-    """Zero-padded ASCII octal numbers, one per row; None unless every byte is an octal digit."""
-    d = fields.astype(np.int64) - 48
-    if d.size and (d.min() < 0 or d.max() > 7):
-        return None
-    return d @ (8 ** np.arange(fields.shape[1] - 1, -1, -1, dtype=np.int64))
 
 
 def _first_header(dv: np.ndarray, off: int) -> Optional[tuple[str, int]]:
