@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from typing import Any, Iterator
 
 import fsspec
@@ -110,12 +109,10 @@ def size(uri: str) -> int:
     return int(fs.size(path))
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write `data` so that `uri` holds either its old content or all of `data`, never a prefix."""
-    fs, path = get_fs(uri)
-    if is_remote(uri):
-        fs.pipe_file(path, data)
-        return
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[Any]:
+    """A binary file object for a temp file beside local `path`; on a clean exit it is flushed,
+    fsynced and renamed over `path` (all or nothing), otherwise removed."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
@@ -124,7 +121,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         # or cache is readable by the other users of a machine.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -132,6 +129,16 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write `data` so that `uri` holds either its old content or all of `data`, never a prefix."""
+    fs, path = get_fs(uri)
+    if is_remote(uri):
+        fs.pipe_file(path, data)  # one PUT: S3 objects appear whole or not at all
+        return
+    with _replacing(path) as f:
+        f.write(data)
 
 
 def _umask() -> int:
@@ -146,18 +153,8 @@ def put_file_atomic(local_path: str, uri: str) -> None:
     if is_remote(uri):
         fs.put_file(local_path, path)
         return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        shutil.copyfile(local_path, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _replacing(path) as f, open(local_path, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 20)
 
 
 @contextlib.contextmanager
