@@ -30,7 +30,6 @@ synthetic dataset, each the generalist with a |S| + 1 head.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -45,6 +44,8 @@ sys.path.insert(0, ROOT)
 
 from pipeline import cache, storage  # noqa: E402
 from pipeline.config import Config  # noqa: E402
+
+from _common import emit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def build_run(root: str, samples: int, shard_size: int, dim: int, classes: int, groups: int,
@@ -229,12 +230,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

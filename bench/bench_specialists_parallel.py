@@ -17,7 +17,6 @@ Prints one JSON object; `--out FILE` also writes it. `--quick` uses a smaller wo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -27,6 +26,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
+from _common import emit  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 # Two confusable groups and K = 2: the two subsets (and so the two trials' work) are the same size.
 FULL = dict(train=24000, test=2000, dim=64, classes=8, groups=2, k=2, epochs=10, hidden=[256, 256], gen_epochs=3)
 QUICK = dict(train=6000, test=1000, dim=32, classes=8, groups=2, k=2, epochs=3, hidden=[64, 64], gen_epochs=3)
@@ -34,6 +35,7 @@ QUICK = dict(train=6000, test=1000, dim=32, classes=8, groups=2, k=2, epochs=3, 
 
 _PROBE = """
 import sys, time, torch
+
 torch.set_num_threads(1)
 m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
                         torch.nn.Linear(256, 5))
@@ -161,12 +163,7 @@ def main() -> int:
     ray.shutdown()
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ normal runner, so a finished run is reused as is). Default: `configs/quickstart.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,8 @@ from pipeline import cache, models, runner, training  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ray_train import _rank_batches  # noqa: E402
 from pipeline.stages import student  # noqa: E402
+
+from _common import emit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 UPSTREAM = ("data", "teacher", "cluster", "specialists", "targets")
 
@@ -149,12 +150,7 @@ def main() -> int:
         "target_cached_to_plain": 0.8,
     }
     result["meets_target"] = result["ratio_cached_to_plain"] >= 0.8
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
