@@ -93,6 +93,11 @@ class TrainConfig(_Section):
     patience: Optional[int] = Field(
         None, ge=1, description="Early stopping: stop after this many epochs without val improvement."
     )
+    checkpoint_every: int = Field(
+        1, ge=1, description="Ray Train jobs: a checkpoint every this many epochs (a restart redoes at most "
+        "that many), besides one whenever val improves and one at the end. Raise it when epochs are "
+        "short and the checkpoint upload dominates."
+    )
 
     def train_dict(self) -> dict[str, Any]:
         return TrainConfig.model_validate(

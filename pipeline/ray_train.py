@@ -310,7 +310,7 @@ def train_loop(config: dict) -> None:
       data_uri        dataset folder; train/val shards are split between workers by world rank
       model, input_shape, num_classes   what `pipeline.models.build_model` takes
       train           TrainConfig dict: epochs, batch_size (global), optimizer, lr, schedule,
-                      weight_decay, momentum, nesterov, max_norm, jitter, patience
+                      weight_decay, momentum, nesterov, max_norm, jitter, patience, checkpoint_every
       seed            seeds init, shuffling, dropout and jitter (per epoch and rank, so resumes repeat)
       load_train      optional callable(config, rank, world_size) -> {"x", "y", ...aligned extras}
       load_val        optional callable(config, rank, world_size) -> (x, y)
@@ -409,7 +409,8 @@ def train_loop(config: dict) -> None:
         if stopper is not None and nval:
             stop = stopper.step(val_error)
             meta["early_stopping"] = stopper.state_dict()
-        if nval and (meta["best_val_error"] is None or val_error < meta["best_val_error"]):
+        improved = bool(nval) and (meta["best_val_error"] is None or val_error < meta["best_val_error"])
+        if improved:
             meta["best_val_error"], meta["best_epoch"] = val_error, epoch
         meta["epoch"] = epoch
         meta["history"].append({"epoch": epoch, "train_loss": round(train_loss, 6),
@@ -419,9 +420,14 @@ def train_loop(config: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": train_loss,
                    SCORE: val_error if nval else float(-epoch), "done": meta["done"]}
 
+        # A checkpoint whenever val improves (the best model is always kept), at the end, and every
+        # `checkpoint_every` epochs (how much a restart may redo). Every rank sees the same
+        # all-reduced val error, so all take the same branch.
+        every = int(tcfg.get("checkpoint_every") or 1)
+        save = improved or meta["done"] or (epoch + 1) % every == 0
         with tempfile.TemporaryDirectory(prefix=f"{name}-ckpt-") as d:
             ckpt = None
-            if rank == 0:
+            if rank == 0 and save:
                 _save_state(d, model, spec, config["input_shape"], config["num_classes"],
                             optimizer, scheduler, meta)
                 ckpt = ray.train.Checkpoint.from_directory(d)

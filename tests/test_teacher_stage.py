@@ -104,7 +104,9 @@ def test_teacher_stage_trains_writes_its_files_and_is_skipped_when_done(tmp_path
     from pipeline import models
     from pipeline.data import shards
 
-    cfg = _cfg(tmp_path, tiny_synthetic, patience=10)
+    # No periodic checkpoints (checkpoint_every > epochs): the best and the last epoch must still be
+    # checkpointed, which is what the stage reads.
+    cfg = _cfg(tmp_path, tiny_synthetic, patience=10, checkpoint_every=100)
     res = runner.run_stage(cfg, "teacher")
     out = cfg.stage_uri("teacher")
     for name in ("model.pt", "model.json", "metrics.json", "_stage.json"):
