@@ -223,11 +223,18 @@ class Config(_Section):
         return storage.join(self.output_dir, stage)
 
 
+# Settings that change how a job runs but never what it computes: left out of fingerprints, so
+# changing them does not redo a finished stage.
+NOT_FINGERPRINTED = frozenset({"checkpoint_every"})
+
+
 def section_fingerprint(*parts: Any) -> str:
     """Stable hash of config slices / upstream fingerprints, to tell whether a stage is up to date."""
     def norm(p: Any) -> Any:
         if isinstance(p, BaseModel):
-            return p.model_dump(mode="json")
+            p = p.model_dump(mode="json")
+        if isinstance(p, dict):
+            return {k: v for k, v in p.items() if k not in NOT_FINGERPRINTED}
         return p
 
     blob = json.dumps([norm(p) for p in parts], sort_keys=True, default=str).encode()

@@ -81,6 +81,8 @@ def test_fingerprint_follows_the_teacher_section(tmp_path):
     assert teacher.fingerprint(base) == teacher.fingerprint(_cfg(tmp_path, "d"))
     assert teacher.fingerprint(base) != teacher.fingerprint(_cfg(tmp_path, "d", epochs=EPOCHS + 1))
     assert teacher.fingerprint(base) != teacher.fingerprint(_cfg(tmp_path, "d", model={"arch": "mlp", "hidden": [8]}))
+    # How often checkpoints are written does not change the model: a finished stage stays done.
+    assert teacher.fingerprint(base) == teacher.fingerprint(_cfg(tmp_path, "d", checkpoint_every=5))
 
 
 def test_more_workers_than_shards_is_a_user_error(tmp_path, tiny_synthetic):
