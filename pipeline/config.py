@@ -14,11 +14,22 @@ import os
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
 FORMATS = ("idx", "cifar", "npz", "folder", "digits", "synthetic")
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """`path` made absolute when it is a non-empty local path; URIs and empty values unchanged.
+
+    Ray Tune runs every trial in a working directory of its own, so a relative local path (the
+    default `runs/...`) would name another folder inside a trial: local paths are resolved against
+    the directory where the config is loaded."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 class _Section(BaseModel):
@@ -57,6 +68,11 @@ class DataConfig(_Section):
         "train", description="Split used as the distillation transfer set (may be unlabelled)."
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("source", "uri")
+    @classmethod
+    def _local_paths_absolute(cls, v: Optional[str]) -> Optional[str]:
+        return _absolute(v)
 
 
 class ModelConfig(_Section):
@@ -155,6 +171,12 @@ class TargetsConfig(_Section):
     uri: Optional[str] = Field(None, description="Cache location; default `{output_dir}/targets`.")
 
 
+    @field_validator("uri")
+    @classmethod
+    def _local_uri_absolute(cls, v: Optional[str]) -> Optional[str]:
+        return _absolute(v)
+
+
 class StudentConfig(TrainConfig, ScalingFields):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden=[64]))
     T: float = Field(4.0, gt=0, description="Distillation temperature (tune may replace it).")
@@ -211,6 +233,11 @@ class Config(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output_dir_absolute(cls, v: str) -> str:
+        return _absolute(v)
 
     # Where each stage lives; the run-directory contract of DESIGN.md.
     def stage_uri(self, stage: str) -> str:

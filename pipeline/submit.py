@@ -401,6 +401,22 @@ def _wait_terminal(client, job_id: str, deadline: Optional[float]):
 # distill submit
 # ---------------------------------------------------------------------------------------------
 
+def _written_output_dir(config_path: str, overrides: list[str]) -> str:
+    """output_dir as the user wrote it (the loaded config resolves local paths against this
+    machine's working directory, which means nothing on the cluster)."""
+    import yaml
+
+    from pipeline.config import Config
+
+    for o in reversed(overrides):
+        key, _, value = o.partition("=")
+        if key.strip() == "output_dir":
+            return str(yaml.safe_load(value) if value.strip() else value)
+    with open(config_path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    return str(raw.get("output_dir", Config.model_fields["output_dir"].default))
+
+
 def prepare(config_path: str, overrides: list[str], working_dir: Optional[str] = None,
             env_passthrough: Iterable[str] = (),
             environ: Optional[Mapping[str, str]] = None) -> tuple[str, dict]:
@@ -408,8 +424,8 @@ def prepare(config_path: str, overrides: list[str], working_dir: Optional[str] =
     from pipeline.config import load_config
 
     overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)  # bad config or override: UserError, exit 2, here
-    out_dir = cfg.output_dir
+    load_config(config_path, overrides)  # bad config or override: UserError, exit 2, here
+    out_dir = _written_output_dir(config_path, overrides)
     if "://" not in out_dir and not os.path.isabs(out_dir):
         raise UserError(
             f"output_dir '{out_dir}' is a relative local path; on the cluster it would land inside the "

@@ -79,3 +79,18 @@ def test_missing_and_malformed_config_files_exit_2(tmp_path, capsys):
 def test_source_required_for_file_formats():
     with pytest.raises(UserError, match="data.source"):
         load_config(None, ["data.format=idx"])
+
+
+def test_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
+    # Ray Tune runs trials in their own working directories: a relative run directory must not
+    # follow them there (`make demo` uses the relative default runs/quickstart).
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["output_dir=runs/x", "data.format=idx", "data.source=raw/mnist",
+                             "targets.uri=cache"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.stage_uri("teacher") == str(tmp_path / "runs" / "x" / "teacher")
+    assert cfg.data.source == str(tmp_path / "raw" / "mnist")
+    assert cfg.stage_uri("targets") == str(tmp_path / "cache")
+    s3 = load_config(None, ["output_dir=s3://bucket/run", "data.uri=s3://bucket/data"])
+    assert s3.output_dir == "s3://bucket/run" and s3.stage_uri("data") == "s3://bucket/data"
+    assert load_config(None, []).data.source == ""
