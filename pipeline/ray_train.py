@@ -425,13 +425,16 @@ def train_loop(config: dict) -> None:
         # all-reduced val error, so all take the same branch.
         every = int(tcfg.get("checkpoint_every") or 1)
         save = improved or meta["done"] or (epoch + 1) % every == 0
-        with tempfile.TemporaryDirectory(prefix=f"{name}-ckpt-") as d:
-            ckpt = None
-            if rank == 0 and save:
-                _save_state(d, model, spec, config["input_shape"], config["num_classes"],
-                            optimizer, scheduler, meta)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        # Epochs without a checkpoint are not reported either: a Ray Train report is a round trip
+        # to the controller (measured ~2 s on 2 busy CPUs, against 0.05 s for a quickstart epoch).
+        if save:
+            with tempfile.TemporaryDirectory(prefix=f"{name}-ckpt-") as d:
+                ckpt = None
+                if rank == 0:
+                    _save_state(d, model, spec, config["input_shape"], config["num_classes"],
+                                optimizer, scheduler, meta)
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
             _progress(f"[{name}] epoch {epoch + 1}/{epochs} train_loss {train_loss:.4f} "
                       f"val_error {val_error:.4f} ({seconds:.1f}s)" + ("  early stop" if stop else ""))

@@ -41,6 +41,9 @@ def ensure_ray(cfg: Config | None = None) -> None:
     ray.init(
         num_cpus=cfg.ray.num_cpus if cfg else None,
         object_store_memory=(cfg.ray.object_store_memory_mb if cfg else 256) * 1024 * 1024,
-        include_dashboard=False,
+        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls every
+        # second; without it every Ray Train job logs "Failed to query Ray Train Controller actor
+        # state" once a second. It also gives users the usual dashboard on 127.0.0.1:8265.
+        include_dashboard=True,
         log_to_driver=True,
     )
