@@ -24,6 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def teacher_log_probs(teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """log softmax(teacher / T) in float32, -inf floored to the float32 minimum (see `soft_kl`).
+
+    `teacher`: (B, C) logits or log-probabilities at T = 1. A run with one T can compute this once for
+    the whole transfer set and pass it to `kd_loss_from_log_probs` at every step.
+    """
+    log_p = F.log_softmax(teacher.detach().float() / T, dim=-1)
+    # kl_div(log_target=True) evaluates exp(t) * (t - s); with t = -inf that is 0 * -inf = NaN.
+    # A finite floor keeps exp(t) == 0 exactly and the product 0.
+    return log_p.clamp_min(torch.finfo(log_p.dtype).min)
+
+
+def _soft_kl_log_probs(student_logits: torch.Tensor, log_p: torch.Tensor, T: float) -> torch.Tensor:
+    log_q = F.log_softmax(student_logits.float() / T, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
 def soft_kl(student_logits: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
     """KL(p_T || q_T) summed over classes, mean over the batch (no T^2 factor).
 
@@ -31,12 +48,26 @@ def soft_kl(student_logits: torch.Tensor, teacher: torch.Tensor, T: float) -> to
     Log-probabilities may contain -inf (classes the teacher gives probability 0, e.g. a top-k tail
     with no mass); they contribute 0 * log 0 = 0 as the KL definition says, not NaN.
     """
-    log_q = F.log_softmax(student_logits.float() / T, dim=-1)
-    log_p = F.log_softmax(teacher.detach().float() / T, dim=-1)
-    # kl_div(log_target=True) evaluates exp(t) * (t - s); with t = -inf that is 0 * -inf = NaN.
-    # A finite floor keeps exp(t) == 0 exactly and the product 0.
-    log_p = log_p.clamp_min(torch.finfo(log_p.dtype).min)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return _soft_kl_log_probs(student_logits, teacher_log_probs(teacher, T), T)
+
+
+def _check_t_alpha(T: float, alpha: float) -> None:
+    if T <= 0:
+        raise ValueError(f"temperature T must be > 0, got {T}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def _combine(student_logits: torch.Tensor, soft: Callable[[], torch.Tensor], labels: Optional[torch.Tensor],
+             T: float, alpha: float) -> torch.Tensor:
+    if labels is None:
+        return (T * T) * soft()
+    hard = F.cross_entropy(student_logits.float(), labels.long())
+    if alpha == 0.0:
+        return hard
+    if alpha == 1.0:
+        return (T * T) * soft()
+    return alpha * (T * T) * soft() + (1.0 - alpha) * hard
 
 
 def kd_loss(
@@ -57,21 +88,30 @@ def kd_loss(
     module docstring), so it does not change the result.
     """
     del teacher_is_logprob  # same math either way: softmax is invariant to a per-row shift
-    if T <= 0:
-        raise ValueError(f"temperature T must be > 0, got {T}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_t_alpha(T, alpha)
     if teacher.shape != student_logits.shape:
         raise ValueError(f"teacher targets {tuple(teacher.shape)} do not match student logits {tuple(student_logits.shape)}")
-    if labels is None:
-        return (T * T) * soft_kl(student_logits, teacher, T)
-    hard = F.cross_entropy(student_logits.float(), labels.long())
-    if alpha == 0.0:
-        return hard
-    soft = (T * T) * soft_kl(student_logits, teacher, T)
-    if alpha == 1.0:
-        return soft
-    return alpha * soft + (1.0 - alpha) * hard
+    return _combine(student_logits, lambda: soft_kl(student_logits, teacher, T), labels, T, alpha)
+
+
+def kd_loss_from_log_probs(
+    student_logits: torch.Tensor,
+    teacher_log_p: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    T: float,
+    alpha: float,
+) -> torch.Tensor:
+    """`kd_loss` with the soft targets given as `teacher_log_probs(teacher, T)` for the same T.
+
+    The cached student path computes those once per run instead of at every step: measured on the
+    quickstart student (9,868 parameters, batch 128, one thread) an epoch takes 0.032 s instead of
+    0.037 s, against 0.027 s for plain hard-label training.
+    """
+    _check_t_alpha(T, alpha)
+    if teacher_log_p.shape != student_logits.shape:
+        raise ValueError(f"teacher targets {tuple(teacher_log_p.shape)} do not match student logits "
+                         f"{tuple(student_logits.shape)}")
+    return _combine(student_logits, lambda: _soft_kl_log_probs(student_logits, teacher_log_p, T), labels, T, alpha)
 
 
 class KDLoss(nn.Module):

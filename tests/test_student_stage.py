@@ -57,6 +57,11 @@ def test_online_and_cached_give_the_same_loss_on_the_same_batch(small_cache, tar
     torch.testing.assert_close(cached, want, rtol=1e-5, atol=1e-5)
     other = student.make_loss("cached", 1.0, 0.7, job["num_classes"])(logits, batch)
     assert abs(float(other.detach()) - float(cached.detach())) > 1e-4
+    # Soft targets prepared once per run (what the stage and Tune trials train on): the same loss.
+    prepared = _batch(student.with_soft_targets(data, 3.0))
+    assert "teacher" not in prepared and prepared["teacher_log_p"].dtype == torch.float32
+    fast = student.make_loss("cached", 3.0, 0.7, job["num_classes"])(logits, prepared)
+    torch.testing.assert_close(fast, cached, rtol=1e-5, atol=1e-5)
 
 
 def test_top_k_cache_gives_the_loss_of_its_dense_reconstruction(small_cache, tmp_path):

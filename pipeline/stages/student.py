@@ -191,6 +191,24 @@ def dense_teacher(batch: dict, num_classes: int):
     return topk_to_dense(batch["teacher_topk_idx"], batch["teacher_topk_val"], batch["teacher_tail"], num_classes)
 
 
+def with_soft_targets(arrays: dict, T: float, chunk: int = 65536) -> dict:
+    """`arrays` with dense cached targets replaced by "teacher_log_p": float32 log softmax(teacher / T),
+    computed once for a run at temperature T instead of at every step (`losses.teacher_log_probs`).
+    Top-k targets are left as they are (densifying them is what top-k avoids). The loss from
+    `make_loss("cached", T, ...)` must then use the same T."""
+    import torch
+
+    from pipeline.losses import teacher_log_probs
+
+    if "teacher" not in arrays:
+        return arrays
+    teacher = arrays["teacher"]
+    out = np.empty(teacher.shape, dtype=np.float32)
+    for s in range(0, len(teacher), chunk):
+        out[s:s + chunk] = teacher_log_probs(torch.from_numpy(np.asarray(teacher[s:s + chunk])), T).numpy()
+    return {**{k: v for k, v in arrays.items() if k != "teacher"}, "teacher_log_p": out}
+
+
 def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 0, target: str = "ensemble",
               ensemble: Any = None) -> Callable:
     """loss_fn(student_logits, batch) for `pipeline.training.train_one_epoch`.
@@ -201,12 +219,14 @@ def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 
     import torch
     import torch.nn.functional as F
 
-    from pipeline.losses import kd_loss
+    from pipeline.losses import kd_loss, kd_loss_from_log_probs
 
     if kind == "hard":
         return lambda logits, batch: F.cross_entropy(logits, batch["y"].long())
     if kind == "cached":
         def cached(logits, batch):
+            if "teacher_log_p" in batch:  # prepared by `with_soft_targets` at this T
+                return kd_loss_from_log_probs(logits, batch["teacher_log_p"], batch.get("y"), T, alpha)
             return kd_loss(logits, dense_teacher(batch, num_classes), batch.get("y"), T, alpha)
 
         return cached
@@ -249,6 +269,8 @@ def train_student(job: dict, data: dict, val: dict, kind: str, T: float = 1.0, a
         raise UserError("the transfer set is unlabelled: the hard-label baseline needs labels")
     if kind != "cached":
         arrays = {k: v for k, v in arrays.items() if k in ("x", "y")}
+    else:
+        arrays = with_soft_targets(arrays, T)
     n = len(arrays["x"])
     bs = int(tcfg["batch_size"])
     steps = max(1, math.ceil(n / bs))
@@ -301,7 +323,7 @@ def load_train_cached(config: dict, rank: int, world: int) -> dict:
 
     num_shards = len(cache.read_manifest(config["cache_uri"])["shards"])
     mine = ray_train.worker_shard_indices(num_shards, rank, world)
-    return load_transfer(config, with_targets=True, shard_indices=mine)
+    return with_soft_targets(load_transfer(config, with_targets=True, shard_indices=mine), config["T"])
 
 
 def load_train_online(config: dict, rank: int, world: int) -> dict:
