@@ -36,6 +36,12 @@ def main() -> int:
     if args.only:
         scripts = [s for s in scripts if os.path.splitext(os.path.basename(s))[0] in args.only]
     results, failures = {}, {}
+    path = os.path.join(HERE, "results.json")
+    if args.only and os.path.exists(path):
+        # A partial run updates its own entries and keeps the others' figures.
+        with open(path) as f:
+            previous = json.load(f)
+        results, failures = previous.get("results", {}), previous.get("failures", {})
     for script in scripts:
         name = os.path.splitext(os.path.basename(script))[0]
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
@@ -47,16 +53,19 @@ def main() -> int:
         seconds = time.perf_counter() - t0
         if proc.returncode != 0 or not os.path.getsize(out):
             failures[name] = f"exit code {proc.returncode}"
+            results.pop(name, None)
             print(f"[bench] {name} FAILED ({failures[name]})", file=sys.stderr)
             continue
+        failures.pop(name, None)
         with open(out) as f:
             results[name] = json.load(f)
         results[name]["_wall_s"] = round(seconds, 1)
         os.unlink(out)
-    with open(os.path.join(HERE, "results.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump({"results": results, "failures": failures}, f, indent=2)
-    lines = ["# Benchmark results", "", "Figures from one `make bench` run on this machine; ratios compare "
-             "measurements taken in the same run.", "", "| benchmark | figure | value |", "|---|---|---:|"]
+    lines = ["# Benchmark results", "", "Figures from `make bench` on this machine (`run_all.py --only NAME` "
+             "replaces that benchmark's rows); every ratio compares measurements taken within one "
+             "benchmark's run.", "", "| benchmark | figure | value |", "|---|---|---:|"]
     for name, res in results.items():
         flat: dict = {}
         flatten("", res, flat)
