@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
@@ -30,6 +30,10 @@ def _absolute(path: Optional[str]) -> Optional[str]:
     if not path or "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+# A local path or URI; local paths are made absolute when the config is loaded (see `_absolute`).
+PathOrURI = Annotated[str, AfterValidator(_absolute)]
 
 
 class _Section(BaseModel):
@@ -51,11 +55,11 @@ class SyntheticConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = Field("", description="Path or URI of the raw data (unused by synthetic and digits).")
+    source: PathOrURI = Field("", description="Path or URI of the raw data (unused by synthetic and digits).")
     format: Literal["idx", "cifar", "npz", "folder", "digits", "synthetic"] = Field(
         "synthetic", description="Raw data format, as in `distill data ingest --format`."
     )
-    uri: Optional[str] = Field(
+    uri: Optional[PathOrURI] = Field(
         None, description="Where the dataset shards live; default `{output_dir}/data`. "
         "Point several runs at one ingested dataset to share it."
     )
@@ -68,11 +72,6 @@ class DataConfig(_Section):
         "train", description="Split used as the distillation transfer set (may be unlabelled)."
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-
-    @field_validator("source", "uri")
-    @classmethod
-    def _local_paths_absolute(cls, v: Optional[str]) -> Optional[str]:
-        return _absolute(v)
 
 
 class ModelConfig(_Section):
@@ -168,13 +167,8 @@ class TargetsConfig(_Section):
     num_actors: int = Field(1, ge=1, description="Ray Data actor-pool size (model replicas).")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per replica.")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica.")
-    uri: Optional[str] = Field(None, description="Cache location; default `{output_dir}/targets`.")
+    uri: Optional[PathOrURI] = Field(None, description="Cache location; default `{output_dir}/targets`.")
 
-
-    @field_validator("uri")
-    @classmethod
-    def _local_uri_absolute(cls, v: Optional[str]) -> Optional[str]:
-        return _absolute(v)
 
 
 class StudentConfig(TrainConfig, ScalingFields):
@@ -208,7 +202,7 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    output_dir: str = Field("runs/default", description="Run directory, local path or s3:// URI.")
+    output_dir: PathOrURI = Field("runs/default", validate_default=True, description="Run directory, local path or s3:// URI.")
     seed: int = Field(0, description="Global seed.")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -233,11 +227,6 @@ class Config(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    @field_validator("output_dir")
-    @classmethod
-    def _local_output_dir_absolute(cls, v: str) -> str:
-        return _absolute(v)
 
     # Where each stage lives; the run-directory contract of DESIGN.md.
     def stage_uri(self, stage: str) -> str:

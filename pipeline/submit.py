@@ -406,12 +406,11 @@ def _written_output_dir(config_path: str, overrides: list[str]) -> str:
     machine's working directory, which means nothing on the cluster)."""
     import yaml
 
-    from pipeline.config import Config
+    from pipeline.config import Config, parse_overrides
 
-    for o in reversed(overrides):
-        key, _, value = o.partition("=")
-        if key.strip() == "output_dir":
-            return str(yaml.safe_load(value) if value.strip() else value)
+    written = [value for key, value in parse_overrides(overrides)[0] if key == "output_dir"]
+    if written:
+        return str(written[-1])
     with open(config_path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
     return str(raw.get("output_dir", Config.model_fields["output_dir"].default))

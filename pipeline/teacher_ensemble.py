@@ -33,15 +33,21 @@ def spec_dirname(m: int) -> str:
     return f"spec_{int(m):03d}"
 
 
+def _read_json(uri: str, missing: str, rerun: str) -> Any:
+    """JSON at `uri`; UserError "{uri}: {missing}" when absent, or naming `rerun` when unparsable."""
+    try:
+        return storage.read_json(uri)
+    except FileNotFoundError:
+        raise UserError(f"{uri}: {missing}") from None
+    except ValueError as e:
+        raise UserError(f"{uri}: not valid JSON ({e}); re-run {rerun}") from None
+
+
 def read_meta(dir_uri: str) -> dict:
     """A checkpoint's model.json (its format is checked when the weights are loaded)."""
     uri = storage.join(dir_uri, META_FILE)
-    try:
-        meta = storage.read_json(uri)
-    except FileNotFoundError:
-        raise UserError(f"{uri}: no checkpoint here; run the stage that writes it first (or fix the path)") from None
-    except ValueError as e:
-        raise UserError(f"{uri}: not valid JSON ({e}); re-run the stage that wrote it") from None
+    meta = _read_json(uri, "no checkpoint here; run the stage that writes it first (or fix the path)",
+                      "the stage that wrote it")
     if not isinstance(meta, dict) or not {"sha256", "num_classes", "num_outputs"} <= set(meta):
         raise UserError(f"{uri}: not a checkpoint description (sha256, num_classes, num_outputs); re-run its stage")
     return meta
@@ -49,12 +55,7 @@ def read_meta(dir_uri: str) -> dict:
 
 def read_subsets(cluster_uri: str) -> list[list[int]]:
     uri = storage.join(cluster_uri, SUBSETS_FILE)
-    try:
-        doc = storage.read_json(uri)
-    except FileNotFoundError:
-        raise UserError(f"{uri}: no class subsets yet; run `distill stage cluster CONFIG` first") from None
-    except ValueError as e:
-        raise UserError(f"{uri}: not valid JSON ({e}); re-run the cluster stage") from None
+    doc = _read_json(uri, "no class subsets yet; run `distill stage cluster CONFIG` first", "the cluster stage")
     subsets = doc.get("subsets") if isinstance(doc, dict) else None
     if not isinstance(subsets, list) or not all(isinstance(s, list) and s for s in subsets):
         raise UserError(f"{uri}: 'subsets' must be a list of non-empty lists of class indices; re-run the cluster stage")
