@@ -14,17 +14,35 @@ Measured in one process on the same data (these machines are noisy: only ratios 
 
 Plain and stage runs are interleaved (`--rounds`) and the best of each kept, so a burst of load
 from other processes does not decide the ratio; the 1-minute load average is recorded beside them.
-Reported: samples/s of both and `stage / plain` (target >= 0.8), also `steady / plain`, the
-pool's rate while its replicas are busy (from their own per-shard read/infer/write times: what a
-long job converges to once the replicas have started), and the bytes
-per sample of dense float16, dense float32 and top-k caches, Parquet and WebDataset, at the
-benchmark's C and at C = 1000 (random teacher outputs: only sizes are measured there).
+Reported: samples/s of both and three ratios to plain (target >= 0.8):
 
-The teacher is the paper's MNIST teacher shape (784-1200-1200-10 MLP, randomly initialised:
-throughput does not depend on the weights) plus one specialist per confusable class group of the
-synthetic dataset, each the generalist with a |S| + 1 head.
+  stage / plain    the whole job, start-up included (a fixed few seconds: Ray Data starts the
+                   replicas' processes, each imports torch and loads the checkpoints);
+  steady / plain   by each replica's wall clock, from its first shard's finish to its last one's,
+                   summed over the replicas: what a long job converges to once they are up;
+  busy / plain     from the replicas' own per-shard read + infer + write times (no Ray Data gaps);
+
+and the bytes per sample of dense float16, dense float32 and top-k caches, Parquet and WebDataset,
+at the benchmark's C and at C = 1000 (random teacher outputs: only sizes are measured there).
+
+Two teachers:
+
+  synthetic (default)  the paper's MNIST teacher shape (784-1200-1200-10 MLP, randomly initialised:
+                       throughput does not depend on the weights) plus one specialist per confusable
+                       class group of the synthetic dataset, each the generalist with a |S| + 1 head;
+                       float32 inputs in shards of `--shard-size` (the dataset default, 5,000);
+  --config CONFIG      a real run's trained teacher (generalist + specialists) on its own transfer set,
+                       e.g. configs/fashion_mnist.yaml: the CNN and its 4 specialists on the 54,000
+                       Fashion-MNIST training images. Upstream stages (data, teacher, cluster,
+                       specialists) that are not up to date are run first by the normal runner;
+                       beyond that the run is only read: the benchmark's cache goes to a temporary
+                       folder beside links to the run's stages.
+
+The teacher's cost per sample decides the ratio: reading, checking and writing cost about the same
+per sample whatever the teacher, so a cheap teacher (the MLP) is the hard case.
 
     .venv/bin/python bench/bench_cache.py --out bench/results_cache.json
+    .venv/bin/python bench/bench_cache.py --config configs/fashion_mnist.yaml --out bench/results_cache_fashion_mnist.json
     .venv/bin/python bench/bench_cache.py --quick
 """
 from __future__ import annotations
@@ -81,11 +99,35 @@ def build_run(root: str, samples: int, shard_size: int, dim: int, classes: int, 
     return cfg
 
 
+UPSTREAM = ("data", "teacher", "cluster", "specialists")
+
+
+def link_run(config: str, overrides: list[str], root: str) -> Config:
+    """A config whose teacher, clusters and specialists are the run's (linked, read only) and whose
+    cache and stage markers live under `root`, so benchmarking never touches the run itself."""
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    real = load_config(config, overrides)
+    runner.run_pipeline(real, only=list(UPSTREAM))  # up-to-date stages are skipped
+    for stage in ("teacher", "cluster", "specialists"):
+        src = real.stage_uri(stage)
+        if storage.is_remote(src):
+            raise SystemExit(f"bench_cache --config needs a local run ({src} is remote)")
+        os.symlink(src, os.path.join(root, stage))
+    cpus = os.cpu_count() or 1
+    return load_config(config, overrides + [
+        f"output_dir={root}", f"data.uri={real.stage_uri('data')}", "targets.uri=null",
+        f"targets.num_actors={cpus}", "targets.cpus_per_actor=1", "targets.gpus_per_actor=0",
+        f"ray.num_cpus={cpus}", "ray.address="])
+
+
 def plain_inference(cfg: Config, repeats: int) -> dict:
     """Best-of-`repeats` samples/s of the teacher on the in-memory transfer set, with torch on all
     cores (the usual way to run it) and on one thread (x cores: perfect scaling, the strictest
     reference for a pool of one-CPU replicas), interleaved so both see the same machine."""
     from pipeline.data.shards import load_split
+    from pipeline.models import prepare_inputs
     from pipeline.teacher_ensemble import TeacherEnsemble, resolve_from_config
 
     x, _, _ = load_split(cfg.stage_uri("data"), cfg.data.transfer_split)
@@ -104,7 +146,7 @@ def plain_inference(cfg: Config, repeats: int) -> dict:
         t0 = time.perf_counter()
         with torch.no_grad():
             for s in range(0, len(x), bs):
-                ens.generalist(torch.from_numpy(x[s:s + bs]))
+                ens.generalist(prepare_inputs(x[s:s + bs]))
         best["generalist_all_cores"] = max(best["generalist_all_cores"], len(x) / (time.perf_counter() - t0))
     return {"samples": len(x), "num_specialists": len(ens.specialists), "cpus": cpus, **best}
 
@@ -122,13 +164,25 @@ def stage_writing(cfg: Config) -> dict:
     total = time.perf_counter() - t0
     n = report["num_samples"]
     actors = min(cfg.targets.num_actors, len(done))
-    # Steady state: the pool's rate while its replicas are busy (their own read + infer + write
-    # time per shard), i.e. without the one-off start-up of the replicas.
-    busy = sum(sum(t.values()) for _, _, t in done)
-    phases = {k: round(sum(t.get(k, 0.0) for _, _, t in done), 3) for k in ("read", "infer", "write")}
+    # Steady state, by the wall clock of each replica: the samples of its 2nd..last shards over the
+    # time from its first shard's finish to its last one's (gaps between Ray Data tasks included),
+    # summed over the replicas: everything but the one-off start-up (process, torch import,
+    # checkpoint loading) and the ragged end where some replicas have no shard left.
+    by_worker: dict[str, list[tuple[float, int]]] = {}
+    for _, k, t in done:
+        by_worker.setdefault(t["worker"], []).append((t["finished_at"], k))
+    steady = 0.0
+    for shards in by_worker.values():
+        shards.sort()
+        if len(shards) > 1 and shards[-1][0] > shards[0][0]:
+            steady += sum(k for _, k in shards[1:]) / (shards[-1][0] - shards[0][0])
+    # Busy: the same from the replicas' own read + infer + write time per shard (no Ray Data gaps).
+    phases = {k: round(sum(t[k] for _, _, t in done), 3) for k in ("read", "infer", "write")}
+    busy = sum(phases.values())
     assert cache.verify_cache(cfg.stage_uri("targets"))["damaged"] == 0
     return {"samples": n, "shards": report["rewritten"], "actors": actors, "seconds": total,
-            "samples_per_s": n / total, "steady_samples_per_s": n / (busy / actors) if busy else None,
+            "samples_per_s": n / total, "steady_samples_per_s": steady or None,
+            "busy_samples_per_s": n / (busy / actors) if busy else None,
             "first_shard_s": done[0][0] if done else None, "actor_seconds": phases}
 
 
@@ -158,12 +212,19 @@ def bytes_per_sample(num_classes: int, n: int, k: int, inputs: np.ndarray | None
     return out
 
 
+def _r(v, digits: int):
+    return round(v, digits) if v else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="also write the JSON object to this file")
     ap.add_argument("--quick", action="store_true", help="12k samples instead of 60k")
     ap.add_argument("--samples", type=int, default=None)
-    ap.add_argument("--shard-size", type=int, default=2000)
+    ap.add_argument("--config", default=None, help="benchmark this run's trained teacher on its transfer set "
+                    "instead of the synthetic one (e.g. configs/fashion_mnist.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of --config")
+    ap.add_argument("--shard-size", type=int, default=5000, help="synthetic: samples per input shard")
     ap.add_argument("--dim", type=int, default=784)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--groups", type=int, default=3)
@@ -177,8 +238,11 @@ def main() -> int:
     root = args.keep or tempfile.mkdtemp(prefix="bench_cache-")
     try:
         t0 = time.perf_counter()
-        cfg = build_run(root, samples, args.shard_size, args.dim, args.classes, args.groups,
-                        [int(h) for h in args.hidden.split(",")])
+        if args.config:
+            cfg = link_run(args.config, args.overrides, root)
+        else:
+            cfg = build_run(root, samples, args.shard_size, args.dim, args.classes, args.groups,
+                            [int(h) for h in args.hidden.split(",")])
         setup_s = time.perf_counter() - t0
         # Interleaved rounds (plain, stage, plain, stage, ..., plain); the best of each is kept, so
         # a burst of load from other processes does not decide the ratio.
@@ -189,20 +253,26 @@ def main() -> int:
             plains.append(plain_inference(cfg, 1))
         plain = plains[0]
         stage = max(stages, key=lambda r: r["samples_per_s"])
-        stage["steady_samples_per_s"] = max((r["steady_samples_per_s"] or 0) for r in stages) or None
+        for key in ("steady_samples_per_s", "busy_samples_per_s"):
+            stage[key] = max((r[key] or 0) for r in stages) or None
         plain_rate = max(p["all_cores"] for p in plains)
         ideal_rate = max(p["one_thread"] for p in plains) * plain["cpus"]
         again = {"generalist_all_cores": max(p["generalist_all_cores"] for p in plains)}
 
-        from pipeline.data.shards import load_shard
+        from pipeline.data.shards import load_shard, split_entries
 
-        x0, _, _ = load_shard(storage.join(cfg.stage_uri("data"), "train-000000.tar"))
-        shard = cache.load_cache_shard(storage.join(cfg.stage_uri("targets"), "train-000000.parquet"))
+        first = split_entries(cfg.stage_uri("data"), cfg.data.transfer_split)[0]
+        x0, _, _ = load_shard(first["uri"])
+        name = first["path"].rsplit("/", 1)[-1].removesuffix(".tar")
+        shard = cache.load_cache_shard(storage.join(cfg.stage_uri("targets"), f"{name}.parquet"))
         n = len(shard["keys"])
+        classes = shard["generalist_logits"].shape[1]
+        teacher = ({"teacher": args.config, "teacher_model": cfg.teacher.model.model_dump(mode="json", exclude_none=True)}
+                   if args.config else {"teacher": "synthetic", "teacher_hidden": args.hidden})
         result = {
-            "setup": {"samples": stage["samples"], "shard_size": args.shard_size, "dim": args.dim,
-                      "num_classes": args.classes, "num_specialists": plain["num_specialists"],
-                      "teacher_hidden": args.hidden, "cpus": os.cpu_count(), "actors": stage["actors"],
+            "setup": {**teacher, "samples": stage["samples"], "shard_size": int(first["num_samples"]),
+                      "input_shape": list(x0.shape[1:]), "input_dtype": str(x0.dtype), "num_classes": classes,
+                      "num_specialists": plain["num_specialists"], "cpus": os.cpu_count(), "actors": stage["actors"],
                       "setup_s": round(setup_s, 1), "rounds": args.rounds,
                       "load_average_1min": round(os.getloadavg()[0], 1)},
             "plain_inference_samples_per_s": round(plain_rate, 1),
@@ -210,18 +280,19 @@ def main() -> int:
             "plain_generalist_only_samples_per_s": round(max(plain["generalist_all_cores"],
                                                              again["generalist_all_cores"]), 1),
             "stage_samples_per_s": round(stage["samples_per_s"], 1),
-            "stage_steady_samples_per_s": round(stage["steady_samples_per_s"], 1) if stage["steady_samples_per_s"] else None,
+            "stage_steady_samples_per_s": _r(stage["steady_samples_per_s"], 1),
+            "stage_busy_samples_per_s": _r(stage["busy_samples_per_s"], 1),
             "stage_seconds": round(stage["seconds"], 2),
-            "stage_first_shard_s": round(stage["first_shard_s"], 2) if stage["first_shard_s"] else None,
+            "stage_first_shard_s": _r(stage["first_shard_s"], 2),
             "stage_actor_seconds": stage["actor_seconds"],
             "ratio_stage_to_plain": round(stage["samples_per_s"] / plain_rate, 3),
-            "ratio_steady_to_plain": (round(stage["steady_samples_per_s"] / plain_rate, 3)
-                                      if stage["steady_samples_per_s"] else None),
-            "ratio_steady_to_one_thread_x_cpus": (round(stage["steady_samples_per_s"] / ideal_rate, 3)
-                                                  if stage["steady_samples_per_s"] else None),
+            "ratio_steady_to_plain": _r(stage["steady_samples_per_s"] and stage["steady_samples_per_s"] / plain_rate, 3),
+            "ratio_busy_to_plain": _r(stage["busy_samples_per_s"] and stage["busy_samples_per_s"] / plain_rate, 3),
+            "ratio_steady_to_one_thread_x_cpus": _r(stage["steady_samples_per_s"]
+                                                    and stage["steady_samples_per_s"] / ideal_rate, 3),
             "target_ratio": 0.8,
             "bytes_per_sample": {
-                f"C{args.classes}": bytes_per_sample(args.classes, n, min(args.topk, args.classes - 1), x0[:n],
+                f"C{classes}": bytes_per_sample(classes, n, min(args.topk, classes - 1), x0[:n],
                                                      shard["generalist_logits"].astype(np.float32),
                                                      shard["ensemble_logprobs"].astype(np.float32)),
                 "C1000": bytes_per_sample(1000, 2000, args.topk, None),

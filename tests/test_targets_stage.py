@@ -40,9 +40,17 @@ def test_regen_cases_on_ray(ray_local, tmp_path):
     write_teacher(cfg)
     cache_uri = cfg.stage_uri("targets")
 
-    fresh = targets.regenerate(cfg, progress=False)
+    seen = []
+    started = time.time()
+    fresh = targets.regenerate(cfg, progress=False, on_shard=lambda e, s, t: seen.append((e["name"], s, t)))
     assert (fresh["checked"], fresh["rewritten"], fresh["kept"]) == (6, 6, 0)
     assert cache.verify_cache(cache_uri)["damaged"] == 0
+    # Each shard is reported once as it arrives, with the replica's own timings (what bench_cache reads).
+    assert sorted(name for name, _, _ in seen) == [f"train-{i:06d}" for i in range(6)]
+    for _, seconds, timing in seen:
+        assert seconds > 0 and min(timing["read"], timing["infer"], timing["write"]) >= 0
+        assert started < timing["finished_at"] <= time.time()
+    assert 1 <= len({t["worker"] for _, _, t in seen}) <= 2
     # Ray Data wrote what the in-process writer writes (same teacher, same inputs).
     local = make_config(str(tmp_path / "run"), uri=str(tmp_path / "local_cache"))
     targets.regenerate(local, progress=False, use_ray=False, write_marker=False)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import traceback
 from datetime import datetime, timezone
@@ -159,7 +160,10 @@ def write_shard(ensemble, layout, job: dict, task: dict) -> dict:
     entry = cache.entry_from_task(task, {**task.get("kept_files", {}), **files})
     cache.write_part(job["cache_uri"], entry)
     t_end = time.perf_counter()
-    entry["_timing"] = {"read": t_read - t0, "infer": t_infer - t_read, "write": t_end - t_infer}
+    # Seconds of each phase, plus which replica did it and when it finished (its own clock): what a
+    # benchmark needs to tell a replica's steady rate from the pool's start-up.
+    entry["_timing"] = {"read": t_read - t0, "infer": t_infer - t_read, "write": t_end - t_infer,
+                        "worker": f"{socket.gethostname()}:{os.getpid()}", "finished_at": time.time()}
     return entry
 
 
@@ -282,7 +286,8 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
     runner writes it itself when it runs the stage). `use_ray=False` runs the writer in-process
     (debugging, tests of the format); the product path is Ray Data. `on_shard(entry, seconds,
     timing)` is called as each shard arrives (seconds since the writers were launched; timing: the
-    writer's own read/infer/write seconds for it), e.g. for benchmarks.
+    writer's own read/infer/write seconds for it, its "worker" and the wall-clock "finished_at"),
+    e.g. for benchmarks.
     """
     from pipeline import cache
     from pipeline.runner import log, marker_uri
