@@ -110,8 +110,8 @@ class TrainConfig(_Section):
     )
     checkpoint_every: int = Field(
         1, ge=1, description="Ray Train jobs: a checkpoint every this many epochs (a restart redoes at most "
-        "that many), besides one whenever val improves and one at the end. Raise it when epochs are "
-        "short and the checkpoint upload dominates."
+        "that many) and one at the end; each carries the best val epoch's weights so far. Raise it when "
+        "epochs are short and the checkpoint upload dominates."
     )
 
     def train_dict(self) -> dict[str, Any]:

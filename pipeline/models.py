@@ -399,15 +399,19 @@ def save_checkpoint(
     input_shape: Sequence[int],
     num_classes: int,
     extra: Optional[dict] = None,
+    state: Optional[dict] = None,
 ) -> dict:
     """Write `model.pt` then `model.json` under `dir_uri` (local or s3://), each atomically.
 
     `num_classes` is the dataset's class count (what `build_model` is called with); the head's actual
     width is recorded as `num_outputs` so a specialist (|S| + 1 outputs) is rebuilt correctly.
-    `extra` is free-form JSON (e.g. the specialist's class subset, metrics). Returns the metadata.
+    `extra` is free-form JSON (e.g. the specialist's class subset, metrics). `state`: weights to
+    write instead of the model's own (a state_dict of the same architecture, e.g. an earlier
+    epoch's). Returns the metadata.
     """
     inner = unwrap_model(model)
-    state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+    src = inner.state_dict() if state is None else state
+    state = {k: v.detach().cpu() for k, v in src.items()}
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()

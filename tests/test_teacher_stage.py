@@ -106,8 +106,8 @@ def test_teacher_stage_trains_writes_its_files_and_is_skipped_when_done(tmp_path
     from pipeline import models
     from pipeline.data import shards
 
-    # No periodic checkpoints (checkpoint_every > epochs): the best and the last epoch must still be
-    # checkpointed, which is what the stage reads.
+    # No periodic checkpoints (checkpoint_every > epochs): the one checkpoint, at the end, must still
+    # carry the best epoch's weights, which is what the stage reads.
     cfg = _cfg(tmp_path, tiny_synthetic, patience=10, checkpoint_every=100)
     res = runner.run_stage(cfg, "teacher")
     out = cfg.stage_uri("teacher")
@@ -132,11 +132,17 @@ def test_teacher_stage_trains_writes_its_files_and_is_skipped_when_done(tmp_path
 
     x, y, _ = shards.load_split(tiny_synthetic, "test")
     assert training.evaluate(model, x, y)["test_errors"] == m["test_errors"]
-    # Ray Train kept the best and the latest epoch's checkpoint in the stage folder.
+    # ... and it holds the weights of the best epoch: on val it scores exactly that epoch's error,
+    # although only the last epoch was checkpointed.
+    xv, yv, _ = shards.load_split(tiny_synthetic, "val")
+    assert abs(training.evaluate(model, xv, yv)["test_error"] - m["best_val_error"]) < 1e-6
+    # One checkpoint (the last), carrying the best weights in best/; the latest is the one Ray kept.
     run = _run_folder(cfg)
     assert os.path.exists(os.path.join(run, "checkpoint_manager_snapshot.json"))
     kept = [p for p in glob.glob(os.path.join(run, "checkpoint_*")) if os.path.isdir(p)]
-    assert 1 <= len(kept) <= 2, kept
+    assert len(kept) == 1 and os.path.exists(os.path.join(kept[0], "best", "model.pt")), kept
+    with open(os.path.join(kept[0], "trainer.json")) as f:
+        assert json.load(f)["epoch"] == EPOCHS - 1
 
     t0 = time.perf_counter()
     again = runner.run_stage(cfg, "teacher")

@@ -387,7 +387,7 @@ def _train_and_evaluate(cfg: Config, lc: dict, run_name: str, prefix: str, test:
     entry = {
         "test_error": ev["test_error"], "test_errors": ev["test_errors"], "test_samples": ev["n"],
         "params": models.count_params(model),
-        "best_epoch": int(best_meta["epoch"]), "best_val_error": best_meta["history"][-1]["val_error"],
+        "best_epoch": int(best_meta["epoch"]), "best_val_error": best_meta["val_error"],
         "epochs": history, "epochs_run": len(history), "starts": last_meta.get("starts", []),
         "train_seconds": round(sum(e["seconds"] for e in history), 3), "wall_time_s": round(seconds, 3),
         "lr": float(lc["train"]["lr"]),

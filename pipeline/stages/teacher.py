@@ -90,7 +90,7 @@ def run(cfg: Config) -> dict:
     ev = training.evaluate(model, x_test, y_test, batch_size=1024)
     params = models.count_params(model)
     best_epoch = int(best_meta["epoch"])
-    best_val = best_meta["history"][-1]["val_error"]
+    best_val = best_meta["val_error"]
     models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"],
                            extra={"stage": "teacher", "epoch": best_epoch, "val_error": best_val,
                                   "test_error": ev["test_error"]})
