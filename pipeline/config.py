@@ -247,10 +247,14 @@ NOT_FINGERPRINTED = frozenset({"checkpoint_every"})
 def section_fingerprint(*parts: Any) -> str:
     """Stable hash of config slices / upstream fingerprints, to tell whether a stage is up to date."""
     def norm(p: Any) -> Any:
+        # At any depth: a stage may fingerprint a section nested in a dict of its own (the tune
+        # stage hashes the student's training settings as {"train": {...}}).
         if isinstance(p, BaseModel):
             p = p.model_dump(mode="json")
         if isinstance(p, dict):
-            return {k: v for k, v in p.items() if k not in NOT_FINGERPRINTED}
+            return {k: norm(v) for k, v in p.items() if k not in NOT_FINGERPRINTED}
+        if isinstance(p, (list, tuple)):
+            return [norm(v) for v in p]
         return p
 
     blob = json.dumps([norm(p) for p in parts], sort_keys=True, default=str).encode()

@@ -94,3 +94,20 @@ def test_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     s3 = load_config(None, ["output_dir=s3://bucket/run", "data.uri=s3://bucket/data"])
     assert s3.output_dir == "s3://bucket/run" and s3.stage_uri("data") == "s3://bucket/data"
     assert load_config(None, []).data.source == ""
+
+
+def test_checkpoint_every_changes_no_fingerprint_at_any_depth(tmp_path):
+    # How often a job checkpoints never changes what it computes, so no finished stage reruns when
+    # it is raised; tune and student hash the student's training settings nested as {"train": ...}.
+    from pipeline.stages import student, teacher, tune
+
+    def cfg(**over):
+        return load_config(None, [f"output_dir={tmp_path}", "data.format=synthetic",
+                                  *[f"{k}={v}" for k, v in over.items()]])
+
+    base = cfg()
+    for stage in (teacher, tune, student):
+        assert stage.fingerprint(base) == stage.fingerprint(cfg(**{"student.checkpoint_every": 7,
+                                                                   "teacher.checkpoint_every": 3})), stage
+    # ... while a setting that does change the result still does.
+    assert tune.fingerprint(base) != tune.fingerprint(cfg(**{"student.lr": 0.5}))

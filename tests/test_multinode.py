@@ -211,10 +211,11 @@ def test_worker_node_killed_mid_stage_recovers(quickstart_run):
     old_report = _read_json(fs, f"{run}/report/_stage.json")
 
     # The user tries their own T/alpha: only the distilled student (and the report) rerun. Two Ray
-    # Train workers on two 1-CPU nodes means one per node. Each epoch is padded by the
-    # fault-injection hook so the node dies between checkpoints, not after the last one.
+    # Train workers on two 1-CPU nodes means one per node. A checkpoint every epoch (the quickstart
+    # has one every 10), each epoch padded by the fault-injection hook, so the node dies between
+    # checkpoints, not after the last one.
     overrides = [f"output_dir=s3://{run}", *SMALL, "student.use_tuned=false", "student.T=3.0",
-                 "student.alpha=0.7", "student.num_workers=2"]
+                 "student.alpha=0.7", "student.num_workers=2", "student.checkpoint_every=1"]
     sub = Submission(cluster, r["logs"] / "submit-kill.log", overrides,
                      extra_env={"DISTILL_FAULT_INJECT": json.dumps({"epoch_sleep": 4.0})})
     deadline = time.monotonic() + 600
