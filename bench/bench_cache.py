@@ -216,6 +216,10 @@ def _r(v, digits: int):
     return round(v, digits) if v else None
 
 
+def _ratio(rate, reference: float):
+    return round(rate / reference, 3) if rate else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="also write the JSON object to this file")
@@ -286,10 +290,9 @@ def main() -> int:
             "stage_first_shard_s": _r(stage["first_shard_s"], 2),
             "stage_actor_seconds": stage["actor_seconds"],
             "ratio_stage_to_plain": round(stage["samples_per_s"] / plain_rate, 3),
-            "ratio_steady_to_plain": _r(stage["steady_samples_per_s"] and stage["steady_samples_per_s"] / plain_rate, 3),
-            "ratio_busy_to_plain": _r(stage["busy_samples_per_s"] and stage["busy_samples_per_s"] / plain_rate, 3),
-            "ratio_steady_to_one_thread_x_cpus": _r(stage["steady_samples_per_s"]
-                                                    and stage["steady_samples_per_s"] / ideal_rate, 3),
+            "ratio_steady_to_plain": _ratio(stage["steady_samples_per_s"], plain_rate),
+            "ratio_busy_to_plain": _ratio(stage["busy_samples_per_s"], plain_rate),
+            "ratio_steady_to_one_thread_x_cpus": _ratio(stage["steady_samples_per_s"], ideal_rate),
             "target_ratio": 0.8,
             "bytes_per_sample": {
                 f"C{classes}": bytes_per_sample(classes, n, min(args.topk, classes - 1), x0[:n],

@@ -163,11 +163,15 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, stora
         raise TrainingFailed(f"Ray Train run '{name}' failed after {max_failures} restart(s) allowed: {e}") from e
 
 
+def _trainer_meta_in(folder: str) -> dict:
+    with open(os.path.join(folder, TRAINER_META), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_trainer_meta(checkpoint) -> dict:
     """`trainer.json` of a Ray Train checkpoint (epoch, history, starts, best...)."""
     with checkpoint.as_directory() as d:
-        with open(os.path.join(d, TRAINER_META), encoding="utf-8") as f:
-            return json.load(f)
+        return _trainer_meta_in(d)
 
 
 class _Subfolder:
@@ -190,9 +194,11 @@ def best_and_last(result) -> tuple[Any, dict, Any, dict]:
     last = result.checkpoint
     if last is None:
         raise TrainingFailed(f"Ray Train run at {result.path} finished without any checkpoint")
-    last_meta = read_trainer_meta(last)
-    with last.as_directory() as d:
-        carried = os.path.exists(os.path.join(d, BEST_DIR, "model.json"))
+    from pipeline import models
+
+    with last.as_directory() as d:  # one download of a remote checkpoint for both
+        last_meta = _trainer_meta_in(d)
+        carried = os.path.exists(os.path.join(d, BEST_DIR, models.META_FILE))
     if carried:
         epoch = int(last_meta["best_epoch"])
         val = next(e["val_error"] for e in last_meta["history"] if e["epoch"] == epoch)  # as recorded
@@ -389,8 +395,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            with open(os.path.join(d, TRAINER_META), encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = _trainer_meta_in(d)
             state = torch.load(os.path.join(d, models.WEIGHTS_FILE), map_location="cpu", weights_only=True)
             model.load_state_dict(state)
             best_file = os.path.join(d, BEST_DIR, models.WEIGHTS_FILE)
