@@ -14,7 +14,7 @@ import os
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
@@ -34,6 +34,12 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 # A local path or URI; local paths are made absolute when the config is loaded (see `_absolute`).
 PathOrURI = Annotated[str, AfterValidator(_absolute)]
+# Integers only: pydantic's lax mode would take `true` as 1 and `2.0` as 2 (`teacher.epochs=true`).
+Int = Annotated[int, Strict()]
+Width = Annotated[int, Strict(), Field(ge=1)]
+Temperature = Annotated[float, Field(gt=0)]
+Weight = Annotated[float, Field(ge=0, le=1)]
+Rate = Annotated[float, Field(gt=0)]
 
 
 class _Section(BaseModel):
@@ -43,15 +49,15 @@ class _Section(BaseModel):
 class SyntheticConfig(_Section):
     """Seeded data with real confusable structure (used by `format: synthetic`)."""
 
-    num_classes: int = Field(12, ge=2, description="Number of classes.")
-    num_groups: int = Field(4, ge=1, description="Classes are split into this many confusable groups.")
-    train: int = Field(6000, ge=10, description="Training samples (val is carved from these).")
-    test: int = Field(2000, ge=10, description="Test samples.")
-    dim: int = Field(64, ge=2, description="Input dimension (stored as a flat float vector).")
+    num_classes: Int = Field(12, ge=2, description="Number of classes.")
+    num_groups: Int = Field(4, ge=1, description="Classes are split into this many confusable groups.")
+    train: Int = Field(6000, ge=10, description="Training samples (val is carved from these).")
+    test: Int = Field(2000, ge=10, description="Test samples.")
+    dim: Int = Field(64, ge=2, description="Input dimension (stored as a flat float vector).")
     difficulty: float = Field(
         1.0, gt=0, description="Within-group confusability: larger means group members overlap more."
     )
-    seed: int = Field(0, description="Seed of the generator; same seed, same bytes.")
+    seed: Int = Field(0, description="Seed of the generator; same seed, same bytes.")
 
 
 class DataConfig(_Section):
@@ -66,8 +72,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(
         0.1, gt=0, lt=0.9, description="Fraction of train carved out as val when the source has no val."
     )
-    shard_size: int = Field(5000, ge=1, description="Samples per WebDataset shard.")
-    seed: int = Field(0, description="Seed of the val split.")
+    shard_size: Int = Field(5000, ge=1, description="Samples per WebDataset shard.")
+    seed: Int = Field(0, description="Seed of the val split.")
     transfer_split: str = Field(
         "train", description="Split used as the distillation transfer set (may be unlabelled)."
     )
@@ -78,13 +84,26 @@ class ModelConfig(_Section):
     """Which network to build; see `pipeline.models.build_model`."""
 
     arch: Literal["mlp", "cnn", "resnet", "wrn"] = Field("mlp", description="Model family.")
-    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="Hidden widths (mlp, cnn head).")
+    hidden: list[Width] = Field(default_factory=lambda: [256, 256], description="Hidden widths (mlp, cnn head).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on hidden layers.")
     input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the inputs (mlp).")
-    channels: list[int] = Field(default_factory=lambda: [32, 64], description="Conv channels (cnn).")
-    depth: Optional[int] = Field(None, description="Depth (resnet: 6n+2, wrn: 6n+4).")
-    width: Optional[int] = Field(None, description="Base channels (resnet).")
-    widen_factor: Optional[int] = Field(None, description="Width multiplier k (wrn).")
+    channels: list[Width] = Field(default_factory=lambda: [32, 64], description="Conv channels (cnn).")
+    depth: Optional[Int] = Field(None, description="Depth (resnet: 6n+2, wrn: 6n+4).")
+    width: Optional[Int] = Field(None, ge=1, description="Base channels (resnet).")
+    widen_factor: Optional[Int] = Field(None, ge=1, description="Width multiplier k (wrn).")
+
+    @model_validator(mode="after")
+    def _check_arch(self) -> "ModelConfig":
+        # The same rules as pipeline.models.resolve_spec (kept light: no torch import at config load),
+        # so a model that cannot be built fails here, not inside a Ray Train worker.
+        d = self.depth
+        if self.arch == "resnet" and d is not None and not (d >= 8 and (d - 2) % 6 == 0):
+            raise ValueError(f"model.depth: {d} is not valid for resnet; use 6n+2 with n >= 1 (8, 14, 20, 32, 56)")
+        if self.arch == "wrn" and d is not None and not (d >= 10 and (d - 4) % 6 == 0):
+            raise ValueError(f"model.depth: {d} is not valid for wrn; use 6n+4 with n >= 1 (10, 16, 22, 28, 40)")
+        if self.arch == "cnn" and not self.channels:
+            raise ValueError("model.channels: a cnn needs at least one conv layer, e.g. [32, 64]")
+        return self
 
     def spec(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -93,8 +112,8 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation settings shared by teacher, specialists and student."""
 
-    epochs: int = Field(5, ge=1, description="Passes over the training data.")
-    batch_size: int = Field(128, ge=1, description="Global batch size.")
+    epochs: Int = Field(5, ge=1, description="Passes over the training data.")
+    batch_size: Int = Field(128, ge=1, description="Global batch size.")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="Optimizer.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
@@ -104,11 +123,11 @@ class TrainConfig(_Section):
     max_norm: Optional[float] = Field(
         None, gt=0, description="Max-norm constraint on each unit's incoming weights (the paper's MNIST teacher)."
     )
-    jitter: int = Field(0, ge=0, description="Random translation of images by up to this many pixels.")
-    patience: Optional[int] = Field(
+    jitter: Int = Field(0, ge=0, description="Random translation of images by up to this many pixels.")
+    patience: Optional[Int] = Field(
         None, ge=1, description="Early stopping: stop after this many epochs without val improvement."
     )
-    checkpoint_every: int = Field(
+    checkpoint_every: Int = Field(
         1, ge=1, description="Ray Train jobs: a checkpoint every this many epochs (a restart redoes at most "
         "that many) and one at the end; each carries the best val epoch's weights so far. Raise it when "
         "epochs are short and the checkpoint upload dominates."
@@ -121,10 +140,10 @@ class TrainConfig(_Section):
 
 
 class ScalingFields(_Section):
-    num_workers: int = Field(1, ge=1, description="Ray Train data-parallel workers.")
+    num_workers: Int = Field(1, ge=1, description="Ray Train data-parallel workers.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
-    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+    max_failures: Int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
 
 
 class TeacherConfig(TrainConfig, ScalingFields):
@@ -132,39 +151,39 @@ class TeacherConfig(TrainConfig, ScalingFields):
 
 
 class ClusterConfig(_Section):
-    num_specialists: int = Field(4, ge=1, description="K: number of specialists (k-means clusters).")
-    subset_size: Optional[int] = Field(
+    num_specialists: Int = Field(4, ge=1, description="K: number of specialists (k-means clusters).")
+    subset_size: Optional[Int] = Field(
         None, ge=2, description="Fixed classes per specialist (the s nearest each centroid, may overlap); "
         "unset: disjoint clusters."
     )
-    min_size: int = Field(2, ge=1, description="Clusters with fewer classes get no specialist.")
-    max_size: Optional[int] = Field(None, ge=2, description="Largest subset allowed.")
-    seed: int = Field(0, description="k-means seed.")
+    min_size: Int = Field(2, ge=1, description="Clusters with fewer classes get no specialist.")
+    max_size: Optional[Int] = Field(None, ge=2, description="Largest subset allowed.")
+    seed: Int = Field(0, description="k-means seed.")
     self_similarity: Literal["max", "zero", "keep"] = Field(
         "max", description="Each class's own coordinate before k-means: its strongest confusion (max), "
         "0, or the correlation diagonal 1 (keep); see specialists.clustering.class_points."
     )
-    batch_size: int = Field(1024, ge=1, description="Inference batch size on val.")
+    batch_size: Int = Field(1024, ge=1, description="Inference batch size on val.")
 
 
 class SpecialistsConfig(TrainConfig):
-    epochs: int = Field(3, ge=1, description="Epochs per specialist (one epoch = the subset's size x 2 samples).")
+    epochs: Int = Field(3, ge=1, description="Epochs per specialist (one epoch = the subset's size x 2 samples).")
     lr: float = Field(5e-4, gt=0, description="Learning rate (fine-tuning from the generalist).")
     cpus_per_specialist: float = Field(1, gt=0, description="CPUs per specialist trial.")
     gpus_per_specialist: float = Field(0, ge=0, description="GPUs per specialist trial (1 on a GPU cluster).")
-    max_concurrent: Optional[int] = Field(None, ge=1, description="Specialists trained at once (default: as resources allow).")
-    max_failures: int = Field(2, ge=0, description="Retries of a failed specialist (others are not redone).")
-    top_n: int = Field(1, ge=1, description="Specialists are active when their subset meets the generalist's top-n.")
+    max_concurrent: Optional[Int] = Field(None, ge=1, description="Specialists trained at once (default: as resources allow).")
+    max_failures: Int = Field(2, ge=0, description="Retries of a failed specialist (others are not redone).")
+    top_n: Int = Field(1, ge=1, description="Specialists are active when their subset meets the generalist's top-n.")
     combine_method: Literal["fixed_point", "gradient"] = Field("fixed_point", description="How q is found.")
-    combine_iters: int = Field(50, ge=1, description="Iterations of the combination.")
+    combine_iters: Int = Field(50, ge=1, description="Iterations of the combination.")
 
 
 class TargetsConfig(_Section):
     format: Literal["parquet", "webdataset", "both"] = Field("parquet", description="Cache file format(s).")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of logits/log-probs.")
-    top_k: Optional[int] = Field(None, ge=1, description="Store only the top-k (plus tail mass); unset: dense.")
-    batch_size: int = Field(1024, ge=1, description="Inference batch size.")
-    num_actors: int = Field(1, ge=1, description="Ray Data actor-pool size (model replicas).")
+    top_k: Optional[Int] = Field(None, ge=1, description="Store only the top-k (plus tail mass); unset: dense.")
+    batch_size: Int = Field(1024, ge=1, description="Inference batch size.")
+    num_actors: Int = Field(1, ge=1, description="Ray Data actor-pool size (model replicas).")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per replica.")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica.")
     uri: Optional[PathOrURI] = Field(None, description="Cache location; default `{output_dir}/targets`.")
@@ -183,27 +202,29 @@ class StudentConfig(TrainConfig, ScalingFields):
 class TuneConfig(_Section):
     enabled: bool = Field(True, description="Run the tune stage.")
     search: Literal["grid", "random"] = Field("grid", description="Grid over the lists, or random sampling.")
-    num_samples: int = Field(1, ge=1, description="Grid: repeats of the grid; random: number of trials.")
-    T: list[float] = Field(default_factory=lambda: [2.0, 8.0], description="Temperatures to try.")
-    alpha: list[float] = Field(default_factory=lambda: [0.5, 0.9], description="Soft-term weights to try.")
-    lr: Optional[list[float]] = Field(None, description="Learning rates to try (unset: student.lr).")
+    num_samples: Int = Field(1, ge=1, description="Grid: repeats of the grid; random: number of trials.")
+    T: list[Temperature] = Field(default_factory=lambda: [2.0, 8.0], min_length=1,
+                                 description="Temperatures to try (each > 0).")
+    alpha: list[Weight] = Field(default_factory=lambda: [0.5, 0.9], min_length=1,
+                                description="Soft-term weights to try (each in [0, 1]).")
+    lr: Optional[list[Rate]] = Field(None, min_length=1, description="Learning rates to try (unset: student.lr).")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="ASHA stops poor trials early.")
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be stopped.")
-    epochs: Optional[int] = Field(None, ge=1, description="Epochs per trial (unset: student.epochs).")
-    max_concurrent: int = Field(2, ge=1, description="Trials at once.")
+    grace_period: Int = Field(1, ge=1, description="ASHA: epochs before a trial may be stopped.")
+    epochs: Optional[Int] = Field(None, ge=1, description="Epochs per trial (unset: student.epochs).")
+    max_concurrent: Int = Field(2, ge=1, description="Trials at once.")
     cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial.")
     gpus_per_trial: float = Field(0, ge=0, description="GPUs per trial.")
 
 
 class RayConfig(_Section):
     address: str = Field("", description="Ray cluster address; empty: start a local Ray.")
-    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the local Ray (unset: all).")
-    object_store_memory_mb: int = Field(256, ge=64, description="Object store of the local Ray, MiB.")
+    num_cpus: Optional[Int] = Field(None, ge=1, description="CPUs of the local Ray (unset: all).")
+    object_store_memory_mb: Int = Field(256, ge=64, description="Object store of the local Ray, MiB.")
 
 
 class Config(_Section):
     output_dir: PathOrURI = Field("runs/default", validate_default=True, description="Run directory, local path or s3:// URI.")
-    seed: int = Field(0, description="Global seed.")
+    seed: Int = Field(0, description="Global seed.")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -338,19 +359,53 @@ def _format_validation(err: ValidationError, raw: dict) -> list[str]:
     return lines
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise _DuplicateKey(f"key '{key}' appears twice (lines {seen[key] + 1} and "
+                                f"{key_node.start_mark.line + 1}), and YAML would silently keep only the "
+                                "second; merge them into one")
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
     """Read YAML at `path` (None: all defaults), apply dotted overrides, validate. Raises UserError."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.exists(path):
             raise UserError(f"config file '{path}' does not exist; pass the path of a YAML file such as configs/quickstart.yaml")
+        if os.path.isdir(path):
+            raise UserError(f"config file '{path}' is a directory; pass the path of a YAML file inside it, "
+                            "such as configs/quickstart.yaml")
         try:
             with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
+                loaded = yaml.load(f, Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.reason}); pass "
+                            "the YAML config, saved as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"config file '{path}' cannot be read ({e.strerror}); check its permissions") from None
+        except _DuplicateKey as e:
+            raise UserError(f"config file '{path}': {e}") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file '{path}' is not valid YAML: {e}") from None
         if loaded is None:
-            loaded = {}
+            raise UserError(f"config file '{path}' is empty; write the sections you change (see "
+                            "configs/quickstart.yaml), or pass `{}` for all defaults on purpose")
         if not isinstance(loaded, dict):
             raise UserError(f"config file '{path}' must hold a mapping of sections (data:, teacher:, ...), "
                             f"not a {type(loaded).__name__}")
