@@ -24,21 +24,51 @@ def _token_mode_for_existing_cluster() -> None:
         os.environ[AUTH_MODE_ENV] = "token"
 
 
+# Credentials Ray Tune (2.60, `ray.tune.execution.class_cache`) copies from the driver's environment
+# into every trial actor's runtime_env, whose `env_vars` the runtime-env agent then writes in plain
+# text to `runtime_env_agent.log` (mode 0644) under Ray's temp dir.
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Take the AWS credential variables off Ray Tune's list of variables it propagates to trials.
+
+    Nothing is lost: the workers of a local Ray are children of this process's raylet and inherit
+    its environment (credentials included) without any runtime_env; on a cluster the nodes get S3
+    access from their own environment, ~/.aws files or instance roles, and a `distill submit --env`
+    value reaches every task of the job through the job's runtime_env (cluster/runtime_env.md)."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # Ray without Tune: nothing propagates them
+        return
+    names = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = type(names)(n for n in names if n not in _CREDENTIAL_VARS)
+
+
 def ensure_ray(cfg: Config | None = None) -> None:
     address = (cfg.ray.address if cfg else "") or os.environ.get("RAY_ADDRESS", "")
     if address and "ray" not in sys.modules:
         _token_mode_for_existing_cluster()
     import ray
 
+    keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
         return
     # Progress bars from Ray Data/Tune are noise in logs of long runs; our stages print their own.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ctrl-C must stop the run: Tune's own SIGINT handler instead ends the experiment "gracefully",
+    # and the stage then reports its trials as failed. Without it the interrupt reaches us as
+    # KeyboardInterrupt; the CLI says "interrupted", shuts Ray down and exits 130.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        # "local": always start a private Ray. A bare ray.init() first tries to join the cluster
+        # named in {RAY_TMPDIR or /tmp}/ray/ray_current_cluster, which a killed `ray start` leaves
+        # behind ("When connecting to an existing cluster, num_cpus ... must not be provided").
+        address="local",
         num_cpus=cfg.ray.num_cpus if cfg else None,
         object_store_memory=(cfg.ray.object_store_memory_mb if cfg else 256) * 1024 * 1024,
         # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls every
