@@ -55,9 +55,9 @@ def cmd_stage(args) -> int:
 
 
 def cmd_data_ingest(args) -> int:
-    from pipeline.data.ingest import ingest
+    from pipeline.stages.data import ingest_source
 
-    manifest = ingest(
+    manifest = ingest_source(
         args.source, args.out, fmt=args.format, val_fraction=args.val_fraction,
         shard_size=args.shard_size, seed=args.seed, synthetic_overrides=args.synthetic,
     )
@@ -84,8 +84,11 @@ def cmd_targets_regen(args) -> int:
     from pipeline.config import load_config
     from pipeline.stages.targets import regenerate
 
+    from pipeline.runner import output_lock
+
     cfg = load_config(args.config, args.overrides)
-    report = regenerate(cfg, progress=not args.json)
+    with output_lock(cfg.output_dir):
+        report = regenerate(cfg, progress=not args.json)
     if args.json:
         _print_json(report)
     else:
@@ -198,8 +201,30 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"distill: error: {e}\n")
         return 2
     except KeyboardInterrupt:
+        _stop_local_ray()
         sys.stderr.write("distill: interrupted\n")
         return 130
+    except Exception as e:
+        from pipeline.errors import storage_error_message
+
+        msg = storage_error_message(e)
+        if msg is None:
+            raise
+        sys.stderr.write(f"distill: error: {msg}\n")
+        return 2
+
+
+def _stop_local_ray() -> None:
+    """After Ctrl-C: shut down the Ray this process started (raylet, GCS, workers, Train/Tune
+    actors) now, so none is left behind; on a joined cluster this only disconnects."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C or a dying Ray: we are exiting anyway
+        pass
 
 
 if __name__ == "__main__":
