@@ -29,14 +29,60 @@ def _counts(manifest: dict) -> dict:
     return out
 
 
-def run(cfg: Config) -> dict:
-    from pipeline.data.ingest import shards_present, ingest
+def ingest_source(source: str, out: str, fmt: str, **kw) -> dict:
+    """`pipeline.data.ingest.ingest`, with a damaged or truncated archive source (.npz, .tar.gz,
+    .gz) reported as a UserError naming it instead of zipfile's/gzip's traceback."""
+    import gzip
+    import zipfile
+    import zlib
+
+    from pipeline.data.ingest import ingest
+    from pipeline.errors import UserError
+
+    try:
+        return ingest(source, out, fmt, **kw)
+    except (zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{source}: truncated or damaged {fmt} file ({type(e).__name__}: {e}); "
+                        "download or export it again (a complete copy must open with its own "
+                        "tool, e.g. numpy.load for .npz)") from None
+
+
+def _repair_before_ingest(cfg: Config, out: str) -> None:
+    """`--force`: checksum every shard of the dataset already at `out` (as `distill data verify`
+    does). A damaged shard of a dataset this stage ingests is removed so that the ingest below
+    writes it again (it keeps the intact ones); a damaged shard of a `data.uri` dataset used as it
+    is, is a UserError naming it."""
+    from pipeline.data.shards import MANIFEST, verify_dataset
+    from pipeline.errors import UserError
+    from pipeline.runner import log
+
+    if not storage.exists(storage.join(out, MANIFEST)):
+        return
+    report = verify_dataset(out, progress=False)
+    damaged = report["damaged_shards"]
+    if not damaged:
+        log(f"data: --force, all {report['checked']} shards of {out} verified")
+        return
+    listing = "; ".join(f"{n}: {report['problems'][n]}" for n in damaged)
+    if cfg.data.uri:
+        raise UserError(f"data.uri {out}: {len(damaged)} damaged shard(s) ({listing}). This run uses the "
+                        f"dataset as it is; re-ingest it with `distill data ingest SOURCE {out} --format FMT` "
+                        "(it rewrites only damaged or missing shards), or point data.uri at a good copy")
+    for name in damaged:  # listed in the manifest this stage wrote: ours to rewrite
+        log(f"data: --force, {name} is damaged ({report['problems'][name]}); writing it again")
+        storage.remove(storage.join(out, name))
+
+
+def run(cfg: Config, force: bool = False) -> dict:
+    from pipeline.data.ingest import shards_present
     from pipeline.data.shards import MANIFEST, read_manifest
     from pipeline.errors import UserError
     from pipeline.runner import log
 
     out = cfg.stage_uri("data")
     manifest = None
+    if force:
+        _repair_before_ingest(cfg, out)
     if cfg.data.uri and storage.exists(storage.join(out, MANIFEST)):
         manifest = read_manifest(out)
         if not shards_present(out, manifest):
@@ -50,7 +96,7 @@ def run(cfg: Config) -> dict:
         if cfg.data.format not in ("synthetic", "digits") and not source:
             raise UserError(f"data.source is empty and {out} holds no dataset; set data.source to the "
                             f"raw {cfg.data.format} data")
-        manifest = ingest(
+        manifest = ingest_source(
             source, out, cfg.data.format, val_fraction=cfg.data.val_fraction,
             shard_size=cfg.data.shard_size, seed=cfg.data.seed,
             synthetic_overrides=cfg.data.synthetic if cfg.data.format == "synthetic" else None,
