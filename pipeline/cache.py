@@ -934,6 +934,22 @@ def _check_values(arrays: dict[str, np.ndarray], layout: Layout) -> list[str]:
     return problems
 
 
+def _check_manifest_keys(uri: str, manifest: dict) -> None:
+    """UserError naming the manifest and the key when a field every check needs is absent or of
+    the wrong type (a hand-edited or foreign manifest), instead of a KeyError traceback."""
+    need = {"num_classes": int, "dtype": str, "formats": list, "shards": list, "dataset": dict}
+    for key, kind in need.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            what = "is missing" if key not in manifest else f"is {json.dumps(value)[:40]}, not a {kind.__name__}"
+            raise UserError(f"{manifest_uri(uri)}: '{key}' {what}, so the cache cannot be checked; "
+                            "run `distill targets regen CONFIG` to rebuild the manifest")
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise UserError(f"{manifest_uri(uri)}: shards[{i}] is not a shard entry (no 'name'); run "
+                            "`distill targets regen CONFIG` to rebuild the manifest")
+
+
 def verify_cache(uri: str, check_source: bool = True, progress: bool = False) -> dict:
     """Check a cache against its manifest and its source dataset; never modifies anything.
 
@@ -947,6 +963,7 @@ def verify_cache(uri: str, check_source: bool = True, progress: bool = False) ->
     "num_samples", "formats", "orphans", "teacher_fingerprint"}.
     """
     manifest = read_manifest(uri)
+    _check_manifest_keys(uri, manifest)
     layout = layout_of(manifest)
     formats = manifest.get("formats", [])
     dataset = manifest.get("dataset", {})
@@ -1030,6 +1047,27 @@ def verify_cache(uri: str, check_source: bool = True, progress: bool = False) ->
     owned = {e.get("name") for e in entries}
     orphans = orphan_files(uri, owned, formats)
     damaged = [e.get("name") for e in entries if e.get("name") in problems]
+    # Coverage: a `shards` list that lost entries (truncated, emptied) must not verify. Every shard
+    # of the source split needs its cache shard, and the list must match the manifest's own totals.
+    lost = []
+    if check_source and not source_problem:
+        covered = {e.get("source") for e in entries}
+        lost = [path for path in sources if path not in covered]
+    for path in lost:
+        name = f"(source {path})"
+        damaged.append(name)
+        problems[name] = (f"no cache shard covers source shard {path} of {dataset.get('uri')} split "
+                          f"{dataset.get('split')!r} (the manifest's shards list lost it); run "
+                          "`distill targets regen CONFIG` to write it")
+    if check_source and source_problem and not entries:
+        damaged.append("(source)")
+        problems["(source)"] = f"the manifest lists no shards and {source_problem}"
+    recorded = manifest.get("num_shards")
+    if not lost and recorded is not None and int(recorded) != len(entries):
+        name = "(manifest)"
+        damaged.append(name)
+        problems[name] = (f"{manifest_uri(uri)} lists {len(entries)} shard(s) but records num_shards "
+                          f"{recorded}; run `distill targets regen CONFIG` to rewrite it")
     return {
         "uri": uri,
         "checked": len(entries),
