@@ -333,6 +333,7 @@ def submit_entrypoint(address: str, entrypoint: str, runtime_env: Optional[dict]
     err.flush()
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    out = _TailKeeper(out)
     try:
         streamed = _stream_logs(client, job_id, out, err, deadline)
         status, info = _wait_terminal(client, job_id, deadline)
@@ -357,9 +358,45 @@ def submit_entrypoint(address: str, entrypoint: str, runtime_env: Optional[dict]
     first = (getattr(info, "message", None) or "").strip().splitlines()
     why = f": {first[0].split(', last available logs')[0]}" if first else ""
     err.write(f"distill submit: job {job_id} {status}{why}\n")
+    hint = vanished_working_dir_hint(out.tail + "\n" + (getattr(info, "message", None) or ""))
+    if status == "FAILED" and hint:
+        err.write(f"distill submit: {hint}\n")
     if status == "FAILED" and getattr(info, "driver_exit_code", None) == 2:
         return 2
     return 1
+
+
+class _TailKeeper:
+    """Passes writes through to `stream` and keeps the last characters, to explain a failure."""
+
+    KEEP = 64 * 1024
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.tail = stream, ""
+
+    def write(self, text: str) -> int:
+        self.tail = (self.tail + text)[-self.KEEP:]
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+# What a job prints when its working directory (the runtime_env copy Ray unpacked) disappeared
+# under it: seen when a second Ray node on the same machine shares the head's temp dir and removes
+# the head's unpacked working dirs (cluster/README.md, "Two nodes on one machine").
+_VANISHED_WD_SIGNS = ("getcwd: No such file or directory", "Intel oneMKL FATAL ERROR: Cannot load")
+
+
+def vanished_working_dir_hint(log_text: str) -> Optional[str]:
+    """A sentence naming the likely cause when a failed job's log shows its working dir vanished."""
+    if not any(sign in log_text for sign in _VANISHED_WD_SIGNS):
+        return None
+    return ("the job's working directory vanished while it ran (its log shows "
+            "'getcwd: No such file or directory' or 'Intel oneMKL FATAL ERROR: Cannot load "
+            "…/libtorch_cpu.so'). Likely cause: two Ray nodes on one machine sharing one temp dir, "
+            "where a node removes the other's unpacked runtime_env; start each extra node with its own "
+            "`ray start --temp-dir=...` (see cluster/README.md, 'Two nodes on one machine')")
 
 
 def _stream_logs(client, job_id: str, out: TextIO, err: TextIO, deadline: Optional[float]) -> bool:
