@@ -141,6 +141,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, stora
     fs, path = storage.pyarrow_fs(storage_uri)
     if not storage.is_remote(storage_uri):
         os.makedirs(path, exist_ok=True)
+    check_latest_checkpoint(storage_uri, name)
     config = dict(loop_config)
     hooks = fault_injection()
     if hooks:
@@ -157,10 +158,61 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, stora
     )
     trainer = TorchTrainer(train_fn, train_loop_config=config, scaling_config=scaling_config(scaling),
                            run_config=run_config)
+    # Train v2 (2.60) installs a SIGINT handler for the rest of the process that aborts the run and
+    # lets fit() end as a failure (exit 1, no message). Keep Python's: Ctrl-C raises
+    # KeyboardInterrupt here and the CLI reports "interrupted" (exit 130) and shuts Ray down.
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingFailed(f"Ray Train run '{name}' failed after {max_failures} restart(s) allowed: {e}") from e
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of the run's checkpoints
+
+
+def check_latest_checkpoint(storage_uri: str, name: str) -> None:
+    """UserError naming the file when the checkpoint a resumed run would start from cannot be
+    loaded. Otherwise every worker group restart fails on it the same way, `max_failures` times,
+    and Ray Train's final error names neither the file nor the fix."""
+    import torch
+
+    from pipeline import models
+
+    run = storage.join(storage_uri, name)
+    snap_uri = storage.join(run, SNAPSHOT)
+    fix = (f"delete {run} to train this stage from scratch (or rerun the stage with --force, which "
+           "does that)")
+    try:
+        raw = storage.read_bytes(snap_uri)
+    except FileNotFoundError:
+        return  # a fresh run
+    try:
+        latest = json.loads(raw.decode("utf-8")).get("latest_checkpoint_result") or {}
+        dir_name = latest.get("checkpoint_dir_name")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{snap_uri}: Ray Train's checkpoint record of this stage is damaged (not JSON); "
+                        f"{fix}") from None
+    if not dir_name:
+        return
+    folder = storage.join(run, dir_name)
+    for fname in (models.WEIGHTS_FILE, TRAINER_STATE, TRAINER_META):
+        uri = storage.join(folder, fname)
+        try:
+            data = storage.read_bytes(uri)
+            if fname.endswith(".json"):
+                meta = json.loads(data.decode("utf-8"))
+                int(meta["epoch"])
+            else:
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"{uri}: missing from the latest checkpoint of this stage, which a rerun "
+                            f"resumes from; {fix}") from None
+        except Exception as e:  # noqa: BLE001 - whatever torch/json make of damaged bytes
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"{uri}: the latest checkpoint of this stage cannot be loaded ({why}), so "
+                            f"resuming from it would fail on every retry; {fix}") from None
 
 
 def _trainer_meta_in(folder: str) -> dict:
