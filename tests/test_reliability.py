@@ -1,0 +1,327 @@
+"""Faults and bad inputs an adversarial user tries (issue 16), each ending in a repaired state or
+exit 2 with one paragraph naming the file or key and the fix, never a traceback or a leak.
+
+Fast tests (no Ray): config files and values, output_dir that cannot hold a run, the output_dir
+lock (local and S3), missing buckets and unreachable S3 endpoints, truncated archives, cache
+manifests that lost shards, a damaged dataset shard under `--force`, an unloadable checkpoint.
+Slow tests (a few small Ray jobs): no credential in any file under the run's Ray temp dir, a stale
+`ray_current_cluster`, Ctrl-C, `stage teacher --force`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from _data_helpers import run_cli
+from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from pipeline import runner, storage
+from pipeline.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
+TINY_DATA = ["data.synthetic.train=200", "data.synthetic.test=40", "data.shard_size=100"]
+
+
+def _expect_2(capsys, argv, *needles):
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, (code, out, err[-2000:])
+    # stages log progress lines first; the error is the last paragraph
+    assert "distill: error: " in err and "Traceback" not in err, err
+    msg = err.split("distill: error: ", 1)[1]
+    for needle in needles:
+        assert needle in msg, err
+    return msg
+
+
+def _yaml(tmp_path, text: str | bytes, name="c.yaml") -> str:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config: bad files and values are refused at load, before any stage runs
+
+def test_config_file_that_is_a_directory_or_not_utf8_or_empty(tmp_path, capsys):
+    _expect_2(capsys, ["config", "show", tmp_path], f"config file '{tmp_path}' is a directory")
+    bad = _yaml(tmp_path, b"teacher:\n  epochs: \xff\xfe\n")
+    _expect_2(capsys, ["run", bad], f"config file '{bad}' is not UTF-8 text")
+    empty = _yaml(tmp_path, "", "empty.yaml")
+    _expect_2(capsys, ["config", "show", empty], f"config file '{empty}' is empty")
+    # `{}` says "all defaults" on purpose
+    assert run_cli(["config", "show", _yaml(tmp_path, "{}\n", "all.yaml")], capsys)[0] == 0
+
+
+def test_duplicate_top_level_key_is_refused(tmp_path, capsys):
+    dup = _yaml(tmp_path, "teacher:\n  epochs: 2\nseed: 1\nteacher:\n  lr: 0.1\n")
+    _expect_2(capsys, ["config", "show", dup], "key 'teacher' appears twice (lines 1 and 4)")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("tune.T=[0,-1]", "tune.T.0: value 0 is invalid: Input should be greater than 0"),
+    ("tune.alpha=[2]", "tune.alpha.0: value 2 is invalid: Input should be less than or equal to 1"),
+    ("tune.T=[]", "tune.T: value [] is invalid"),
+    ("teacher.epochs=true", "teacher.epochs: value true is invalid: Input should be a valid integer"),
+    ("student.model.hidden=[-5]", "student.model.hidden.0: value -5 is invalid"),
+    ("teacher.model.channels=[0]", "teacher.model.channels.0: value 0 is invalid"),
+    ("teacher.model={arch: resnet, depth: 9}", "model.depth: 9 is not valid for resnet"),
+])
+def test_values_that_used_to_fail_only_later_are_refused_at_load(override, needle, capsys):
+    _expect_2(capsys, ["config", "show", QUICKSTART, override], needle)
+
+
+# ------------------------------------------------------------------------------------------------
+# output_dir
+
+def test_output_dir_that_cannot_hold_a_run(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    cfg = _yaml(tmp_path, "{}\n")
+    _expect_2(capsys, ["run", cfg, f"output_dir={afile}"], f"output_dir {afile} is a file, not a folder")
+    _expect_2(capsys, ["stage", "data", cfg, f"output_dir={afile}/sub"],
+              f"output_dir {afile}/sub: {afile} is a file")
+    assert afile.read_text() == "mine\n"
+    if os.geteuid() == 0:  # root writes through file modes; /sys refuses everyone
+        ro = "/sys/distill-test-read-only/run"
+    else:
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o555)
+        ro = str(tmp_path / "ro" / "run")
+    _expect_2(capsys, ["stage", "data", cfg, f"output_dir={ro}"], f"output_dir {ro}", "write")
+    if os.geteuid() != 0:
+        os.chmod(tmp_path / "ro", 0o755)
+        (tmp_path / "ro2").mkdir()
+        os.chmod(tmp_path / "ro2", 0o555)
+        _expect_2(capsys, ["stage", "data", cfg, f"output_dir={tmp_path / 'ro2'}"], "is not writable")
+        os.chmod(tmp_path / "ro2", 0o755)
+
+
+_HOLDER = """
+import sys, time
+from pipeline import runner
+runner.acquire_output_lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_lock(out: str) -> subprocess.Popen:
+    """Another process holding the output_dir lock, as a second `distill run` would see it."""
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_second_run_on_one_output_dir_is_refused_naming_the_holder(where, tmp_path, capsys, request):
+    out = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_bucket") + "/run"
+    cfg = _yaml(tmp_path, "{}\n")
+    holder = _hold_lock(out)
+    try:
+        lock = json.loads(storage.read_bytes(storage.join(out, runner.LOCK)))
+        err = _expect_2(capsys, ["stage", "data", cfg, f"output_dir={out}", *TINY_DATA],
+                        f"output_dir {out} is in use by another distill run",
+                        f"host {socket.gethostname()}, pid {holder.pid}, started {lock['started_at']}")
+        assert "delete " + storage.join(out, runner.LOCK) in err
+        assert not storage.exists(storage.join(out, "data"))  # nothing of the second run was written
+        _expect_2(capsys, ["targets", "regen", cfg, f"output_dir={out}"], "is in use by another distill run")
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing it (SIGKILL): on this host its pid is gone, so a new run
+    # takes the lock over, runs, and releases it.
+    code, _, err = run_cli(["stage", "data", cfg, f"output_dir={out}", *TINY_DATA], capsys)
+    assert code == 0, err
+    assert f"taking over the lock of a run that is gone (host {socket.gethostname()}, pid {holder.pid}" in err
+    assert not storage.exists(storage.join(out, runner.LOCK))
+
+
+def test_a_lock_of_another_host_is_not_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / runner.LOCK).write_text(json.dumps({"host": "elsewhere-node", "pid": 1, "token": "t",
+                                               "started_at": "2026-01-01T00:00:00+00:00"}))
+    _expect_2(capsys, ["stage", "data", _yaml(tmp_path, "{}\n"), f"output_dir={out}"],
+              "host elsewhere-node, pid 1, started 2026-01-01T00:00:00+00:00")
+    assert json.loads((out / runner.LOCK).read_text())["host"] == "elsewhere-node"
+
+
+# ------------------------------------------------------------------------------------------------
+# S3: a missing bucket or an unreachable endpoint
+
+@pytest.mark.s3
+def test_missing_bucket_and_wrong_endpoint(s3_server, tmp_path, capsys, monkeypatch):
+    cfg = _yaml(tmp_path, "{}\n")
+    for argv in (["run", cfg], ["stage", "data", cfg]):
+        _expect_2(capsys, [*argv, "output_dir=s3://no-such-bucket-distill/run"],
+                  "bucket 'no-such-bucket-distill' does not exist", "create it")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on discard
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    for argv in (["run", cfg, "output_dir=s3://some-bucket/run"], ["stage", "teacher", cfg, "output_dir=s3://some-bucket/run"],
+                 ["data", "verify", "s3://some-bucket/data"]):
+        err = _expect_2(capsys, argv, "cannot reach the S3 endpoint", "http://127.0.0.1:9", "AWS_ENDPOINT_URL")
+        assert TEST_SECRET_KEY not in err and TEST_ACCESS_KEY not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged inputs
+
+def test_truncated_npz_is_named(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((40, 2)), y_train=np.arange(40) % 3,
+             x_test=np.zeros((10, 2)), y_test=np.arange(10) % 3)
+    whole = (tmp_path / "d.npz").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 30):
+        (tmp_path / "cut.npz").write_bytes(whole[:cut])
+        _expect_2(capsys, ["data", "ingest", tmp_path / "cut.npz", tmp_path / "out", "--format", "npz"],
+                  f"{tmp_path / 'cut.npz'}: truncated or damaged npz file", "again")
+
+
+def _flip(path, offset):
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_data_stage_force_rewrites_a_damaged_shard(tmp_path, capsys):
+    from pipeline.data.shards import verify_dataset
+
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, "{}\n")
+    argv = ["stage", "data", cfg, f"output_dir={out}", *TINY_DATA]
+    assert run_cli(argv, capsys)[0] == 0
+    shard = out / "data" / "train-000001.tar"
+    _flip(shard, 3000)
+    assert verify_dataset(str(out / "data"), progress=False)["damaged_shards"] == ["train-000001.tar"]
+    code, _, err = run_cli([*argv, "--force"], capsys)
+    assert code == 0, err
+    assert "train-000001.tar is damaged" in err and "nothing to do" not in err
+    assert verify_dataset(str(out / "data"), progress=False)["ok"]
+
+
+def test_data_uri_with_a_damaged_shard_under_force_is_named(tmp_path, tiny_synthetic, capsys):
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_synthetic, ds)
+    _flip(ds / "val-000000.tar", 1000)
+    before = (ds / "val-000000.tar").read_bytes()
+    _expect_2(capsys, ["stage", "data", _yaml(tmp_path, "{}\n"), f"output_dir={tmp_path / 'run'}",
+                       f"data.uri={ds}", "--force"],
+              f"data.uri {ds}: 1 damaged shard(s) (val-000000.tar: sha256 mismatch", "distill data ingest")
+    assert (ds / "val-000000.tar").read_bytes() == before  # a shared dataset is not touched
+
+
+@pytest.fixture
+def cache_run(tmp_path):
+    """A run directory with a 3-shard dataset, a generalist + 2 specialists and their cache."""
+    from _targets_helpers import make_config, write_dataset, write_teacher
+    from pipeline.stages import targets
+
+    cfg = make_config(str(tmp_path / "run"))
+    write_dataset(cfg.stage_uri("data"), [30, 30, 17])
+    write_teacher(cfg)
+    targets.regenerate(cfg, progress=False, use_ray=False)
+    return cfg
+
+
+def _edit_manifest(cache_uri, edit):
+    path = os.path.join(cache_uri, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    edit(m)
+    with open(path, "w") as f:
+        json.dump(m, f)
+
+
+@pytest.mark.parametrize("how", ["truncated", "emptied", "truncated_and_recounted"])
+def test_targets_verify_fails_a_cache_that_lost_shards(cache_run, how, capsys):
+    cache_uri = cache_run.stage_uri("targets")
+    assert run_cli(["targets", "verify", cache_uri], capsys)[0] == 0
+
+    def edit(m):
+        m["shards"] = [] if how == "emptied" else m["shards"][:2]
+        if how == "truncated_and_recounted":
+            m["num_shards"] = len(m["shards"])
+            m["num_samples"] = sum(s["num_samples"] for s in m["shards"])
+
+    _edit_manifest(cache_uri, edit)
+    code, out, err = run_cli(["targets", "verify", cache_uri, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 1 and report["damaged"] >= 1, report
+    lost = ["train-000002.tar"] if how != "emptied" else ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    for src in lost:
+        assert f"no cache shard covers source shard {src}" in report["problems"][f"(source {src})"]
+    code, out, _ = run_cli(["targets", "verify", cache_uri], capsys)
+    assert code == 1 and "DAMAGED (source train-000002.tar)" in out and "targets regen" in out
+
+
+def test_targets_manifest_without_num_classes(cache_run, capsys):
+    cache_uri = cache_run.stage_uri("targets")
+    _edit_manifest(cache_uri, lambda m: m.pop("num_classes"))
+    _expect_2(capsys, ["targets", "verify", cache_uri],
+              f"{os.path.join(cache_uri, 'manifest.json')}: 'num_classes' is missing", "targets regen")
+    _edit_manifest(cache_uri, lambda m: m.update(num_classes=6, shards="all"))
+    _expect_2(capsys, ["targets", "verify", cache_uri], "'shards' is \"all\", not a list")
+
+
+def _fake_run(tmp_path, weights: bytes) -> tuple[str, str]:
+    """A Ray Train run folder whose snapshot names a latest checkpoint holding `weights`."""
+    import torch
+
+    from pipeline import ray_train
+
+    run = tmp_path / "ray" / "teacher-abc"
+    ck = run / "checkpoint_2026-01-01_00-00-00.000000"
+    ck.mkdir(parents=True)
+    (run / ray_train.SNAPSHOT).write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": ck.name, "metrics": {}}}))
+    (ck / "model.pt").write_bytes(weights)
+    torch.save({"optimizer": {}, "scheduler": {}}, ck / ray_train.TRAINER_STATE)
+    (ck / ray_train.TRAINER_META).write_text(json.dumps({"epoch": 3}))
+    return str(tmp_path / "ray"), str(ck / "model.pt")
+
+
+def test_an_unloadable_latest_checkpoint_is_named_before_ray_train_retries(tmp_path):
+    import io
+
+    import torch
+
+    from pipeline import ray_train
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    good = buf.getvalue()
+    storage_uri, weights = _fake_run(tmp_path / "good", good)
+    ray_train.check_latest_checkpoint(storage_uri, "teacher-abc")  # loadable: no complaint
+    ray_train.check_latest_checkpoint(storage_uri, "teacher-new")  # fresh run: nothing to check
+    storage_uri, weights = _fake_run(tmp_path / "bad", good[: len(good) // 2])
+    with pytest.raises(UserError) as e:
+        ray_train.check_latest_checkpoint(storage_uri, "teacher-abc")
+    msg = str(e.value)
+    assert msg.startswith(f"{weights}: the latest checkpoint of this stage cannot be loaded")
+    assert f"delete {storage_uri}/teacher-abc" in msg and "--force" in msg
+    os.remove(weights)
+    with pytest.raises(UserError, match="model.pt: missing from the latest checkpoint"):
+        ray_train.check_latest_checkpoint(storage_uri, "teacher-abc")
+
+
+# ------------------------------------------------------------------------------------------------
+# submit: a job whose working dir vanished
+
+def test_submit_names_the_likely_cause_of_a_vanished_working_dir():
+    from pipeline.submit import vanished_working_dir_hint
+
+    log = ("shell-init: error retrieving current directory: getcwd: cannot access parent directories: "
+           "getcwd: No such file or directory\nIntel oneMKL FATAL ERROR: Cannot load "
+           "/tmp/ray/session_x/runtime_resources/pip/.../libtorch_cpu.so.\n")
+    hint = vanished_working_dir_hint(log)
+    assert hint and "--temp-dir" in hint and "cluster/README.md" in hint
+    assert vanished_working_dir_hint("ValueError: something else\n") is None
