@@ -60,6 +60,26 @@ class SyntheticConfig(_Section):
     seed: Int = Field(0, description="Seed of the generator; same seed, same bytes.")
 
 
+class LoaderConfig(_Section):
+    """How stages stream samples through Ray Data (docs/data.md, "Streaming"). Memory per process is
+    about (prefetch_chunks + 2) x chunk_rows + shuffle_rows rows, whatever the dataset's size."""
+
+    chunk_rows: Int = Field(4096, ge=1, description="Rows per Ray Data batch handed to a training worker; "
+                            "minibatches are cut from it on the device (a Ray Data batch costs ~1.5 ms, a "
+                            "small student's step less).")
+    shuffle_rows: Int = Field(8192, ge=0, description="A training worker shuffles rows in windows of this "
+                              "many, aligned to the epoch's start; shard order is also shuffled per pass and "
+                              "rows within each read group.")
+    group_rows: Int = Field(16384, ge=1, description="Small shards are read in groups of at least this many "
+                            "rows per Ray Data task.")
+    prefetch_chunks: Int = Field(2, ge=0, description="Chunks prefetched ahead of the training step.")
+    read_cpus: float = Field(0.0, ge=0, description="Logical CPUs per read task; 0 lets reads run beside "
+                             "training workers that hold every CPU (small machines); 1 on a cluster with CPU nodes.")
+    read_concurrency: Int = Field(2, ge=1, description="Read tasks at once per dataset.")
+    materialize_mb: Int = Field(64, ge=0, description="Evaluation splits up to this size are kept in Ray's "
+                                "object store after the first pass instead of re-read every epoch.")
+
+
 class DataConfig(_Section):
     source: PathOrURI = Field("", description="Path or URI of the raw data (unused by synthetic and digits).")
     format: Literal["idx", "cifar", "npz", "folder", "digits", "synthetic"] = Field(
@@ -78,6 +98,7 @@ class DataConfig(_Section):
         "train", description="Split used as the distillation transfer set (may be unlabelled)."
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    loader: "LoaderConfig" = Field(default_factory=lambda: LoaderConfig())
 
 
 class ModelConfig(_Section):
@@ -131,6 +152,14 @@ class TrainConfig(_Section):
         1, ge=1, description="Ray Train jobs: a checkpoint every this many epochs (a restart redoes at most "
         "that many) and one at the end; each carries the best val epoch's weights so far. Raise it when "
         "epochs are short and the checkpoint upload dominates."
+    )
+    checkpoint_every_steps: Optional[Int] = Field(
+        None, ge=1, description="Also checkpoint every this many optimizer steps inside an epoch, with the "
+        "position in the data (for epochs that take hours on preemptible nodes); a resume neither repeats "
+        "nor skips a batch. Unset: epoch checkpoints only."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Autocast: bf16 on GPUs (auto) or fp32; CPUs always train in fp32 under auto."
     )
 
     def train_dict(self) -> dict[str, Any]:
@@ -187,6 +216,23 @@ class TargetsConfig(_Section):
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per replica.")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica.")
     uri: Optional[PathOrURI] = Field(None, description="Cache location; default `{output_dir}/targets`.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Autocast of the teacher's forward passes: bf16 on GPUs (auto) or fp32; CPUs always "
+        "run fp32 under auto. Part of the cache's fingerprint when it takes effect (bf16 on a GPU)."
+    )
+
+
+class InferenceConfig(_Section):
+    """Split-wide inference on Ray workers: evaluation of every model and the clustering covariance
+    (`pipeline.inference`). Execution settings only: they never change a stored result."""
+
+    batch_size: Int = Field(1024, ge=1, description="Rows per model call on an actor.")
+    num_actors: Int = Field(2, ge=1, description="Model replicas (Ray Data actor pool); a local Ray gets at "
+                            "most what its CPUs/GPUs hold, and never more than there are batches.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per replica (small, so evaluation fits "
+                                  "beside other work on a 2-CPU machine); torch uses ceil() of it as threads.")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica (1 on a GPU cluster).")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="Autocast: bf16 on GPUs (auto) or fp32.")
 
 
 
@@ -230,6 +276,7 @@ class Config(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -262,7 +309,7 @@ class Config(_Section):
 
 # Settings that change how a job runs but never what it computes: left out of fingerprints, so
 # changing them does not redo a finished stage.
-NOT_FINGERPRINTED = frozenset({"checkpoint_every"})
+NOT_FINGERPRINTED = frozenset({"checkpoint_every", "checkpoint_every_steps", "loader"})
 
 
 def section_fingerprint(*parts: Any) -> str:

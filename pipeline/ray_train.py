@@ -36,9 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any, Callable, Optional, Sequence
 
 from pipeline import storage
 from pipeline.errors import UserError
@@ -122,7 +120,7 @@ def fault_injection() -> dict:
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, storage_uri: str, name: str,
-        max_failures: int, keep: int = 1):
+        max_failures: int, keep: int = 1, datasets: Optional[dict] = None):
     """Run `train_fn` on a data-parallel worker group; returns Ray Train's `Result`.
 
     scaling: object with num_workers, use_gpu, cpus_per_worker (a `ScalingFields` config section).
@@ -157,7 +155,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, stora
         logging_config=LoggingConfig(log_level="WARNING"),
     )
     trainer = TorchTrainer(train_fn, train_loop_config=config, scaling_config=scaling_config(scaling),
-                           run_config=run_config)
+                           run_config=run_config, datasets=datasets or None,
+                           dataset_config=dataset_config() if datasets else None)
     # Train v2 (2.60) installs a SIGINT handler for the rest of the process that aborts the run and
     # lets fit() end as a failure (exit 1, no message). Keep Python's: Ctrl-C raises
     # KeyboardInterrupt here and the CLI reports "interrupted" (exit 130) and shuts Ray down.
@@ -269,7 +268,7 @@ def remove_other_runs(storage_uri: str, keep_name: str, prefix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker side
+# Shared by driver and workers
 # ---------------------------------------------------------------------------------------------
 
 def _progress(msg: str) -> None:
@@ -291,73 +290,105 @@ def _quiet_ray_train_worker_logs() -> None:
         pass
 
 
-def worker_shard_indices(num_shards: int, rank: int, world_size: int, allow_empty: bool = False) -> list[int]:
-    """Indices of the shards worker `rank` reads (`pipeline.data.readers.shards_for_worker`).
+def balanced_shards(entries: Sequence[dict], world_size: int, allow_empty: bool = False) -> list[list[dict]]:
+    """Disjoint per-rank lists of shard entries with sample counts as even as the shards allow
+    (largest shard first to the least-loaded rank), each list in manifest order. Deterministic, so a
+    restarted worker group reads what the first one read. UserError when a training rank would get
+    no shard (allow_empty: evaluation splits, where a rank without shards contributes nothing)."""
+    if len(entries) < world_size and not allow_empty:
+        from pipeline.data import readers
 
-    allow_empty: for evaluation splits, fewer shards than workers is fine (a worker with none
-    contributes nothing to the all-reduced counts); for training it is a UserError.
-    """
-    from pipeline.data import readers
-
-    if allow_empty and num_shards < world_size:
-        return list(range(num_shards))[rank::world_size]
-    return list(readers.shards_for_worker(list(range(num_shards)), rank, world_size))
-
-
-def load_worker_split(data_uri: str, split: str, rank: int, world_size: int,
-                      allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """This worker's shards of `split`, decoded whole into memory: (x, y)."""
-    from pipeline.data import shards
-
-    entries = shards.split_entries(data_uri, split)
-    mine = worker_shard_indices(len(entries), rank, world_size, allow_empty)
-    x, y, _keys = shards.load_split(data_uri, split, shard_indices=mine)
-    return x, y
+        readers.shards_for_worker(list(entries), 0, world_size)  # raises the UserError naming the fix
+    load = [0] * world_size
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    order = sorted(range(len(entries)), key=lambda i: (-int(entries[i]["num_samples"]), i))
+    for i in order:
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        out[r].append(i)
+        load[r] += int(entries[i]["num_samples"])
+    return [[entries[i] for i in sorted(idx)] for idx in out]
 
 
-def default_load_train(config: dict, rank: int, world_size: int) -> dict:
-    x, y = load_worker_split(config["data_uri"], config.get("train_split", "train"), rank, world_size)
-    return {"x": x, "y": y}
+def steps_per_epoch(per_rank: Sequence[Sequence[dict]], local_bs: int) -> int:
+    """Optimizer steps per epoch: the smallest rank's full minibatches (every rank takes as many)."""
+    from pipeline import datasets
+
+    smallest = min(datasets.num_samples(r) for r in per_rank)
+    if smallest < local_bs:
+        raise UserError(f"a training worker has {smallest} samples but the per-worker batch is {local_bs}; "
+                        "lower batch_size or num_workers, or re-ingest with more samples per shard")
+    return smallest // local_bs
 
 
-def default_load_val(config: dict, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
-    return load_worker_split(config["data_uri"], config.get("val_split", "val"), rank, world_size, allow_empty=True)
+def latest_position(storage_uri: str, name: str) -> tuple[int, int]:
+    """(next epoch, steps done in it) of the newest checkpoint of Ray Train run `name`, (0, 0) if none:
+    where the driver starts the training stream of a rerun, so a resumed run reads no data again."""
+    run = storage.join(storage_uri, name)
+    best = (0, 0)
+    try:
+        entries = [e for e in storage.listdir(run) if e.startswith("checkpoint_")]
+    except (FileNotFoundError, NotADirectoryError):
+        return best
+    for e in entries:
+        try:
+            meta = storage.read_json(storage.join(run, e, TRAINER_META))
+        except (FileNotFoundError, ValueError, OSError):
+            continue
+        pos = (int(meta.get("epoch", -1)) + 1, int(meta.get("step") or 0))
+        best = max(best, pos)
+    return best
 
 
-def cross_entropy_loss(config: dict):
-    import torch.nn.functional as F
+def build_datasets(data: dict, loader: Any, seed: int, epochs: int, start_epoch: int) -> dict:
+    """The Ray Data datasets a data-parallel job hands to `TorchTrainer(datasets=...)`:
+    `train_{rank}` (one stream over the rank's shards for epochs start_epoch..epochs-1, see
+    `pipeline.datasets.training_stream`) and `val_{rank}` (the rank's val shards; materialized in the
+    object store when small, so epochs do not re-read them)."""
+    from pipeline import datasets
 
-    def loss_fn(out, batch):
-        return F.cross_entropy(out, batch["y"])
-
-    return loss_fn
-
-
-def _rank_batches(arrays: dict, local_bs: int, steps: int, seed: int, epoch: int, rank: int):
-    """`steps` minibatches of `local_bs` rows drawn from this rank's arrays without replacement,
-    reshuffling when they run out. Every rank takes the same number of steps (DDP all-reduces each
-    one) even when its shards hold fewer samples than another rank's."""
-    n = len(arrays["x"])
-    rng = np.random.default_rng([int(seed), int(epoch), int(rank)])
-    need = steps * local_bs
-    order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
-    for s in range(steps):
-        idx = order[s * local_bs:(s + 1) * local_bs]
-        yield {k: a[idx] for k, a in arrays.items()}
+    out = {}
+    for r, shards in enumerate(data["train"]):
+        out[f"train_{r}"] = datasets.training_stream(shards, start_epoch, epochs, seed, loader.read_cpus,
+                                                     loader.read_concurrency, loader.group_rows)
+    for r, shards in enumerate(data.get("val") or []):
+        if not shards:
+            continue
+        ds = datasets.from_items(datasets.group_items(shards, loader.group_rows), loader.read_cpus,
+                                 loader.read_concurrency)
+        if sum(int(s.get("bytes") or 0) for s in shards) <= loader.materialize_mb * (1 << 20):
+            ds = ds.materialize()
+        out[f"val_{r}"] = ds
+    return out
 
 
-def _with_progress(batches, label: str, steps: int, every_s: float = 30.0):
-    """Pass batches through; every `every_s` seconds say how far into the epoch we are (long epochs
-    on CPU would otherwise look hung)."""
-    t0 = last = time.perf_counter()
-    for i, batch in enumerate(batches):
-        now = time.perf_counter()
-        if now - last >= every_s:
-            rate = i / (now - t0)
-            _progress(f"{label} step {i}/{steps} ({rate:.1f} steps/s, ~{(steps - i) / max(rate, 1e-9):.0f}s left)")
-            last = now
-        yield batch
+def data_parallel_job(train_entries: Sequence[dict], val_entries: Sequence[dict], scaling: Any, tcfg: dict,
+                      loader: Any, seed: int, storage_uri: str, name: str) -> tuple[dict, dict]:
+    """(loop-config additions, datasets) for a `train_loop` job over shard entries (dataset shards
+    from `pipeline.datasets.split_items`, or joined cache shards from `cache_items`): shards balanced
+    over ranks, steps per epoch, the streams started where the run's newest checkpoint stands."""
+    world = int(scaling.num_workers)
+    local_bs = max(1, int(tcfg["batch_size"]) // world)
+    train = balanced_shards(list(train_entries), world)
+    val = balanced_shards(list(val_entries), world, allow_empty=True) if val_entries else []
+    steps = steps_per_epoch(train, local_bs)
+    start_epoch, _ = latest_position(storage_uri, name)
+    ds = build_datasets({"train": train, "val": val}, loader, seed, int(tcfg["epochs"]),
+                        min(start_epoch, int(tcfg["epochs"]) - 1))
+    extra = {"steps_per_epoch": steps, "local_bs": local_bs, "start_epoch": start_epoch,
+             "loader": loader.model_dump() if hasattr(loader, "model_dump") else dict(loader)}
+    return extra, ds
 
+
+def dataset_config():
+    """Every dataset is already one rank's own (`build_datasets`): Ray Train must not split them."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
 
 def _all_reduce(values: list[float], device: Any = "cpu") -> list[float]:
     """Element-wise sum over all workers (on `device`: NCCL only reduces GPU tensors)."""
@@ -370,40 +401,57 @@ def _all_reduce(values: list[float], device: Any = "cpu") -> list[float]:
     return t.cpu().tolist()
 
 
-def _save_state(folder: str, model, spec, input_shape, num_classes, optimizer, scheduler, meta: dict,
-                best_state: dict | None = None) -> None:
-    import torch
+def cross_entropy_loss(config: dict):
+    import torch.nn.functional as F
 
-    from pipeline import models
+    def loss_fn(out, batch):
+        return F.cross_entropy(out, batch["y"])
 
-    models.save_checkpoint(folder, model, spec, input_shape, num_classes,
-                           extra={"epoch": meta["epoch"], "val_error": meta["history"][-1]["val_error"]})
-    if best_state is not None:
-        models.save_checkpoint(os.path.join(folder, BEST_DIR), model, spec, input_shape, num_classes,
-                               extra={"epoch": meta["best_epoch"], "val_error": meta["best_val_error"]},
-                               state=best_state)
-    buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
-    with open(os.path.join(folder, TRAINER_STATE), "wb") as f:
-        f.write(buf.getvalue())
-    with open(os.path.join(folder, TRAINER_META), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    return loss_fn
+
+
+def chunk_iterator(it, loader: dict, local_bs: int, seed: int, rank: int, device: Any):
+    """Large chunks of a rank's training stream, as torch tensors on `device`."""
+    from pipeline import datasets
+
+    # No Ray local shuffle buffer: its order depends on where the stream started, so a resumed run
+    # would see other batches. Rows are shuffled per read group by Ray Data's tasks and in windows
+    # aligned to the epoch's start by `training.epoch_minibatches`, both seeded.
+    chunk = max(int(local_bs), int(loader["chunk_rows"]) // int(local_bs) * int(local_bs))
+    return it.iter_torch_batches(batch_size=chunk, collate_fn=datasets.Collate(device),
+                                 prefetch_batches=int(loader["prefetch_chunks"]))
+
+
+def val_evaluator(it, device: Any, batch_size: int = 4096):
+    """evaluate(model) -> (errors, n) over this rank's val iterator (None: no val shards)."""
+    from pipeline import datasets, training
+
+    if it is None:
+        return lambda model: (0.0, 0.0)
+
+    def evaluate(model):
+        return training.evaluate_batches(model, it.iter_torch_batches(batch_size=batch_size,
+                                                                      collate_fn=datasets.Collate(device)), device)
+
+    return evaluate
 
 
 def train_loop(config: dict) -> None:
-    """Per-worker function of `fit`: supervised (or, via `make_loss`, distillation) training.
+    """Per-worker function of `fit`: supervised (or, via `make_loss`, distillation) training on the
+    one training core (`pipeline.training.TrainState` / `run_epochs`).
 
     config keys:
       name            label of the progress lines ("teacher")
-      data_uri        dataset folder; train/val shards are split between workers by world rank
       model, input_shape, num_classes   what `pipeline.models.build_model` takes
-      train           TrainConfig dict: epochs, batch_size (global), optimizer, lr, schedule,
-                      weight_decay, momentum, nesterov, max_norm, jitter, patience, checkpoint_every
+      train           TrainConfig dict: epochs, batch_size (global), optimizer, lr, schedule, ...,
+                      checkpoint_every, checkpoint_every_steps, precision
+      steps_per_epoch optimizer steps per epoch (the same on every rank), local_bs per-rank batch
+      start_epoch     the epoch the driver started the streams at (`latest_position`)
+      loader          LoaderConfig dict (chunk_rows, shuffle_rows, prefetch_chunks)
       seed            seeds init, shuffling, dropout and jitter (per epoch and rank, so resumes repeat)
-      load_train      optional callable(config, rank, world_size) -> {"x", "y", ...aligned extras}
-      load_val        optional callable(config, rank, world_size) -> (x, y)
       make_loss       optional callable(config) -> loss_fn(logits, batch); default cross-entropy
-      eval_batch_size optional, default 1024
+    Data: datasets `train_{rank}` and `val_{rank}` (`build_datasets`), read with
+    `get_dataset_shard(...).iter_torch_batches`.
     """
     import ray.train
     import ray.train.torch
@@ -420,130 +468,57 @@ def train_loop(config: dict) -> None:
     seed = int(config.get("seed", 0))
     fault = config.get("_fault") or {}
     device = ray.train.torch.get_device()
-
-    train_arrays = (config.get("load_train") or default_load_train)(config, rank, world)
-    x_val, y_val = (config.get("load_val") or default_load_val)(config, rank, world)
-    n_local = len(train_arrays["x"])
-    if n_local == 0:
-        raise RuntimeError(f"{name}: worker {rank} of {world} got no training samples; "
-                           "use fewer workers or smaller shards")
-    n_total, _ = _all_reduce([float(n_local), 0.0], device)
-    local_bs = max(1, int(tcfg["batch_size"]) // world)
-    steps = max(1, math.ceil(n_total / (local_bs * world)))
+    steps = int(config["steps_per_epoch"])
+    local_bs = int(config["local_bs"])
 
     torch.manual_seed(seed)
     spec = config["model"]
     model = models.build_model(spec, config["input_shape"], config["num_classes"])
-    optimizer = training.make_optimizer(model, tcfg)
-    scheduler = training.make_scheduler(optimizer, tcfg, steps, epochs)
-    stopper = training.EarlyStopping(int(tcfg["patience"])) if tcfg.get("patience") else None
-    meta: dict = {"epoch": -1, "history": [], "starts": [], "done": False, "best_epoch": -1,
-                  "best_val_error": None, "steps_per_epoch": steps, "world_size": world}
-
-    # The best val epoch's weights, kept on rank 0 between checkpoints and written into each one
-    # (`best/`), so an improving epoch costs a CPU copy instead of a Ray Train report.
-    best_state: dict | None = None
-    carry_best = True
+    state = training.TrainState(model, tcfg, steps, epochs, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            meta = _trainer_meta_in(d)
-            state = torch.load(os.path.join(d, models.WEIGHTS_FILE), map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-            best_file = os.path.join(d, BEST_DIR, models.WEIGHTS_FILE)
-            if os.path.exists(best_file):
-                best_state = torch.load(best_file, map_location="cpu", weights_only=True)
-            elif meta.get("best_epoch", -1) == meta["epoch"]:
-                best_state = {k: v.clone() for k, v in state.items()}
-            elif meta.get("best_epoch", -1) >= 0:
-                # A checkpoint of an older version, whose best epoch lives in a checkpoint of its own:
-                # finish the run the old way (a report on every improvement).
-                carry_best = False
-            tstate = torch.load(os.path.join(d, TRAINER_STATE), map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(tstate["optimizer"])
-        scheduler.load_state_dict(tstate["scheduler"])
-        if stopper is not None and meta.get("early_stopping"):
-            stopper.load_state_dict(meta["early_stopping"])
-    start = int(meta["epoch"]) + 1
-    if meta.get("done") or start >= epochs:
+            state.load(d)
+    if state.finished:
         if rank == 0:
-            _progress(f"[{name}] run already complete at epoch {meta['epoch']}; nothing to train")
+            _progress(f"[{name}] run already complete at epoch {state.meta['epoch'] + 1}; nothing to train")
         return
-    meta["starts"].append(start)
     if rank == 0:
-        how = f"resuming at epoch {start + 1}/{epochs} from checkpoint" if checkpoint else f"starting {epochs} epochs"
-        _progress(f"[{name}] {how}: {world} worker(s), {int(n_total)} train samples, "
-                  f"{steps} steps/epoch of {local_bs * world}, device {device}")
+        pos = f"epoch {state.next_epoch + 1}" + (f" step {state.meta['step']}" if state.meta.get("step") else "")
+        how = f"resuming at {pos}/{epochs} from checkpoint" if checkpoint else f"starting {epochs} epochs"
+        _progress(f"[{name}] {how}: {world} worker(s), {steps} steps/epoch of {local_bs * world}, device {device}")
 
-    model = ray.train.torch.prepare_model(model)
+    # DDP wraps the model after it is on its device and after the optimizer state was loaded there.
+    state.model = ray.train.torch.prepare_model(state.model)
     loss_fn = (config.get("make_loss") or cross_entropy_loss)(config)
-    eval_bs = int(config.get("eval_batch_size", 1024))
-    jitter_gen = torch.Generator()
+    train_it = ray.train.get_dataset_shard(f"train_{rank}")
+    try:
+        val_it = ray.train.get_dataset_shard(f"val_{rank}")
+    except (KeyError, ValueError):
+        val_it = None
+    chunks = chunk_iterator(train_it, config["loader"], local_bs, seed, rank, device)
+    batches = training.epoch_minibatches(chunks, local_bs, steps, state.next_epoch, int(state.meta.get("step") or 0),
+                                         seed, rank, window=int(config["loader"]["shuffle_rows"]) or local_bs)
 
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        # Seeded per (epoch, rank): a resumed run draws the dropout masks and shifts it would have.
-        torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-        jitter_gen.manual_seed(seed * 7919 + epoch * 131 + rank)
-        batches = _rank_batches(train_arrays, local_bs, steps, seed, epoch, rank)
-        if rank == 0:
-            batches = _with_progress(batches, f"[{name}] epoch {epoch + 1}/{epochs}", steps)
-        stats = training.train_one_epoch(
-            model, batches, optimizer, loss_fn,
-            scheduler, max_norm=tcfg.get("max_norm"), jitter_pixels=int(tcfg.get("jitter") or 0),
-            device=device, generator=jitter_gen)
-        if len(x_val):
-            ev = training.evaluate(models.unwrap_model(model), x_val, y_val, eval_bs, device)
-            local_err, local_n = float(ev["test_errors"]), float(ev["n"])
-        else:
-            local_err, local_n = 0.0, 0.0
-        loss_sum, samples, errs, nval = _all_reduce(
-            [stats["loss"] * stats["samples"], float(stats["samples"]), local_err, local_n], device)
-        train_loss = loss_sum / max(samples, 1.0)
-        val_error = errs / nval if nval else float("nan")
-        seconds = time.perf_counter() - t0
+    def save(st: "training.TrainState", metrics: dict) -> None:
+        # Every rank reports (Ray Train needs all); rank 0 attaches the checkpoint folder.
+        with tempfile.TemporaryDirectory(prefix=f"{name}-ckpt-") as d:
+            ckpt = None
+            if rank == 0:
+                st.save(d, spec, config["input_shape"], config["num_classes"])
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({**metrics, SCORE: metrics["val_error"]}, checkpoint=ckpt)
+        if fault.get("stop_after_epoch") is not None and not st.meta["done"] and "step" not in metrics \
+                and st.meta["epoch"] >= int(fault["stop_after_epoch"]):
+            raise RuntimeError(f"{FAULT_ENV}: stopping after epoch {st.meta['epoch']} as asked")
+        if fault.get("stop_after_step") is not None and metrics.get("step") == int(fault["stop_after_step"]) \
+                and not fault.get("_stopped"):
+            raise RuntimeError(f"{FAULT_ENV}: stopping at step {metrics['step']} as asked")
+
+    def report(st, row):
         if fault.get("epoch_sleep"):
             time.sleep(float(fault["epoch_sleep"]))
 
-        stop = False
-        if stopper is not None and nval:
-            stop = stopper.step(val_error)
-            meta["early_stopping"] = stopper.state_dict()
-        improved = bool(nval) and (meta["best_val_error"] is None or val_error < meta["best_val_error"])
-        if improved:
-            meta["best_val_error"], meta["best_epoch"] = val_error, epoch
-            if rank == 0 and carry_best:
-                best_state = {k: v.detach().to("cpu", copy=True)
-                              for k, v in models.unwrap_model(model).state_dict().items()}
-        meta["epoch"] = epoch
-        meta["history"].append({"epoch": epoch, "train_loss": round(train_loss, 6),
-                                "val_error": round(val_error, 6) if nval else None,
-                                "seconds": round(seconds, 3), "lr": stats["lr"]})
-        meta["done"] = stop or epoch + 1 >= epochs
-        # What Ray Train ranks checkpoints by (`SCORE`): the best val error so far when checkpoints
-        # carry the best weights, so the latest checkpoint always ranks best and is the one kept.
-        score = (meta["best_val_error"] if carry_best else val_error) if nval else float(-epoch)
-        metrics = {"epoch": epoch, "train_loss": train_loss, SCORE: score, "done": meta["done"]}
-
-        # A checkpoint at the end and every `checkpoint_every` epochs (how much a restart may redo);
-        # each carries the best weights so far. Every rank sees the same all-reduced val error and
-        # epoch, so all take the same branch.
-        every = int(tcfg.get("checkpoint_every") or 1)
-        save = meta["done"] or (epoch + 1) % every == 0 or (improved and not carry_best)
-        # Epochs without a checkpoint are not reported either: a Ray Train report is a round trip
-        # to the controller (measured ~2 s on 2 busy CPUs, against 0.05 s for a quickstart epoch).
-        if save:
-            with tempfile.TemporaryDirectory(prefix=f"{name}-ckpt-") as d:
-                ckpt = None
-                if rank == 0:
-                    _save_state(d, model, spec, config["input_shape"], config["num_classes"],
-                                optimizer, scheduler, meta, best_state if carry_best else None)
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=ckpt)
-        if rank == 0:
-            _progress(f"[{name}] epoch {epoch + 1}/{epochs} train_loss {train_loss:.4f} "
-                      f"val_error {val_error:.4f} ({seconds:.1f}s)" + ("  early stop" if stop else ""))
-        if fault.get("stop_after_epoch") is not None and epoch >= int(fault["stop_after_epoch"]) and not meta["done"]:
-            raise RuntimeError(f"{FAULT_ENV}: stopping after epoch {epoch} as asked")
-        if stop:
-            break
+    training.run_epochs(state, batches, loss_fn, evaluate=val_evaluator(val_it, device),
+                        reduce=lambda v: _all_reduce(v, device), checkpoint=save, report=report,
+                        log=_progress, name=name, seed=seed, rank=rank)

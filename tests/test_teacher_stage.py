@@ -61,21 +61,6 @@ def _run_folder(cfg: Config) -> str:
 # fast: no Ray
 
 
-def test_rank_batches_give_every_rank_the_same_number_of_full_steps():
-    small = {"x": np.arange(10), "y": np.arange(10)}
-    big = {"x": np.arange(100, 130), "y": np.arange(100, 130)}
-    a = list(ray_train._rank_batches(small, 4, 8, seed=0, epoch=0, rank=0))
-    b = list(ray_train._rank_batches(big, 4, 8, seed=0, epoch=0, rank=1))
-    assert len(a) == len(b) == 8 and all(len(batch["x"]) == 4 for batch in a + b)
-    seen = np.concatenate([batch["x"] for batch in a])
-    assert set(seen.tolist()) == set(range(10))  # a short rank cycles through all its samples
-    assert all((batch["x"] == batch["y"]).all() for batch in a)  # rows stay aligned
-    again = list(ray_train._rank_batches(small, 4, 8, seed=0, epoch=0, rank=0))
-    assert all((p["x"] == q["x"]).all() for p, q in zip(a, again))  # a resumed epoch repeats its order
-    other = np.concatenate([batch["x"] for batch in ray_train._rank_batches(small, 4, 8, 0, 1, 0)])
-    assert not (other == seen).all()
-
-
 def test_fingerprint_follows_the_teacher_section(tmp_path):
     base = _cfg(tmp_path, "d")
     assert teacher.fingerprint(base) == teacher.fingerprint(_cfg(tmp_path, "d"))

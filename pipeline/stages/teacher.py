@@ -60,6 +60,17 @@ def _check_data(cfg: Config, manifest: dict) -> None:
                         "teacher.num_workers or re-ingest with a smaller data.shard_size")
 
 
+def evaluate_model(cfg: Config, model, data_uri: str, split: str) -> dict:
+    """{"test_error", "test_errors", "n"} of `model` on a split, streamed (never loaded whole)."""
+    from pipeline import datasets, training
+
+    loader = cfg.data.loader
+    ds = datasets.read_split(data_uri, split, read_cpus=loader.read_cpus, concurrency=loader.read_concurrency,
+                             group_rows=loader.group_rows)
+    errors, n = training.evaluate_batches(model, ds.iter_torch_batches(batch_size=4096, collate_fn=datasets.Collate()))
+    return {"test_error": errors / max(n, 1), "test_errors": errors, "n": n}
+
+
 def run(cfg: Config) -> dict:
     from pipeline import models, ray_train, training
     from pipeline.data import shards
@@ -78,16 +89,21 @@ def run(cfg: Config) -> dict:
     # Checkpoints of an earlier config must not be resumed (other model, other data); drop them.
     ray_train.remove_other_runs(ray_uri, name, RUN_PREFIX)
     lc = loop_config(cfg, manifest)
+    from pipeline import datasets
+
+    extra, dsets = ray_train.data_parallel_job(
+        datasets.split_items(lc["data_uri"], "train", manifest), datasets.split_items(lc["data_uri"], "val", manifest),
+        tc, lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, name)
+    lc.update(extra)
     log(f"teacher: {lc['model']['arch']} on {manifest['splits']['train']['num_samples']} train samples, "
         f"{tc.num_workers} Ray Train worker(s), {tc.epochs} epochs; checkpoints in {storage.join(ray_uri, name)}")
-    result = ray_train.fit(ray_train.train_loop, lc, tc, ray_uri, name, tc.max_failures)
+    result = ray_train.fit(ray_train.train_loop, lc, tc, ray_uri, name, tc.max_failures, datasets=dsets)
     best, best_meta, _last, last_meta = ray_train.best_and_last(result)
     train_seconds = time.perf_counter() - t0
 
     with best.as_directory() as d:
         model, _ = models.load_checkpoint(d)
-    x_test, y_test, _keys = shards.load_split(data_uri, "test")
-    ev = training.evaluate(model, x_test, y_test, batch_size=1024)
+    ev = evaluate_model(cfg, model, data_uri, "test")
     params = models.count_params(model)
     best_epoch = int(best_meta["epoch"])
     best_val = best_meta["val_error"]
