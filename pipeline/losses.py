@@ -12,62 +12,115 @@ log-probabilities at T = 1 (the generalist + specialist ensemble, section 5.4). 
 log p = z - logsumexp(z) differs from z by a per-row constant, and softmax((z - c) / T) ==
 softmax(z / T). Caching logits/log-probs (never probabilities at one T) keeps T a training-time choice.
 
-Plain torch; no Ray. All math is done in float32 whatever the cache dtype (float16 caches are common).
+`kd_loss` is the one production loss. It is fused: one autograd node whose forward computes the loss
+*and* its gradient with respect to the student logits in a handful of whole-batch kernels, so the
+backward pass is one multiply:
+
+    dL/dz = alpha * T * (q_T - p_T) / B + (1 - alpha) * (q_1 - onehot(y)) / B.
+
+The teacher's softmax at T is computed per batch on the batch's device (the cache is read as raw
+float16/float32 targets; no N x C copy of the dataset at some T is ever made). At T = 1 the soft and
+hard terms share one log-softmax. On CPU, rows of 3 to 15 classes are normalised along the batch
+axis instead (`_log_softmax`): aten's row kernel falls back to scalar code below one vector width and
+costs ~5x more there, which at the quickstart's 12 classes would cost more than the student itself.
+Measured by `bench/bench_kd_loss.py` as step-time ratios against a hard-label step.
+
+Top-k caches are densified by `pipeline.cache.topk_to_dense` (the single densifier: the stored tail
+mass spread uniformly over the other classes) and then go through the same `kd_loss`.
+
+Plain torch; no Ray. The math runs in float32 (float64 for float64 students) whatever the cache dtype.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def teacher_log_probs(teacher: torch.Tensor, T: float) -> torch.Tensor:
-    """log softmax(teacher / T) in float32, -inf floored to the float32 minimum (see `soft_kl`).
-
-    `teacher`: (B, C) logits or log-probabilities at T = 1. A run with one T can compute this once for
-    the whole transfer set and pass it to `kd_loss_from_log_probs` at every step.
-    """
-    log_p = F.log_softmax(teacher.detach().float() / T, dim=-1)
-    # kl_div(log_target=True) evaluates exp(t) * (t - s); with t = -inf that is 0 * -inf = NaN.
-    # A finite floor keeps exp(t) == 0 exactly and the product 0.
-    return log_p.clamp_min(torch.finfo(log_p.dtype).min)
+__all__ = ["kd_loss", "KDLoss", "cross_entropy_loss", "make_kd_batch_loss", "teacher_log_probs",
+           "kd_loss_from_log_probs"]
 
 
-def _soft_kl_log_probs(student_logits: torch.Tensor, log_p: torch.Tensor, T: float) -> torch.Tensor:
-    log_q = F.log_softmax(student_logits.float() / T, dim=-1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-
-
-def soft_kl(student_logits: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(p_T || q_T) summed over classes, mean over the batch (no T^2 factor).
-
-    student_logits: (B, C); teacher: (B, C) logits or log-probabilities (any float dtype).
-    Log-probabilities may contain -inf (classes the teacher gives probability 0, e.g. a top-k tail
-    with no mass); they contribute 0 * log 0 = 0 as the KL definition says, not NaN.
-    """
-    return _soft_kl_log_probs(student_logits, teacher_log_probs(teacher, T), T)
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over dim 1 of a (B, C) tensor; for 2 < C < 16 on CPU along the batch-major layout
+    (same values, several times faster: see the module docstring). The result may be a transposed
+    view; only elementwise ops and reductions consume it."""
+    if x.device.type == "cpu" and 2 < x.shape[1] < 16:
+        return F.log_softmax(x.T, dim=0).T
+    return F.log_softmax(x, dim=1)
 
 
 def _check_t_alpha(T: float, alpha: float) -> None:
-    if T <= 0:
+    if not T > 0:
         raise ValueError(f"temperature T must be > 0, got {T}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
 
-def _combine(student_logits: torch.Tensor, soft: Callable[[], torch.Tensor], labels: Optional[torch.Tensor],
-             T: float, alpha: float) -> torch.Tensor:
-    if labels is None:
-        return (T * T) * soft()
-    hard = F.cross_entropy(student_logits.float(), labels.long())
-    if alpha == 0.0:
-        return hard
-    if alpha == 1.0:
-        return (T * T) * soft()
-    return alpha * (T * T) * soft() + (1.0 - alpha) * hard
+class _FusedKD(torch.autograd.Function):
+    """Loss and its gradient w.r.t. the student logits in one forward; backward scales the gradient.
+
+    forward(z (B, C), teacher (B, C), labels (B,) | None, T, alpha, at_T): `at_T` means `teacher`
+    already holds log softmax(teacher / T) (the deprecated precomputed path).
+    """
+
+    @staticmethod
+    def forward(ctx, z, teacher, labels, T, alpha, at_T):  # noqa: D401
+        B = z.shape[0]
+        cd = torch.promote_types(z.dtype, torch.float32)
+        zc = z.detach().to(cd)
+        inv = 1.0 / T
+        soft_w = alpha if labels is not None else 1.0  # no labels: the soft term alone, weight 1
+        hard_w = 1.0 - alpha if labels is not None else 0.0
+        loss = None
+        grad = None
+        lq1 = None
+        if soft_w > 0.0:
+            t = teacher.detach().to(cd)
+            # kl terms are p * (log p - log q); a teacher log-prob of -inf (zero mass) would make
+            # 0 * -inf = NaN, so it is floored at the dtype's minimum (exp of it is exactly 0).
+            lp = (t if at_T else _log_softmax(t * inv if T != 1.0 else t)).clamp_min(torch.finfo(cd).min)
+            p = lp.exp()
+            lq = _log_softmax(zc * inv) if T != 1.0 else _log_softmax(zc)
+            if T == 1.0:
+                lq1 = lq
+            c = soft_w * T * T / B
+            loss = (p * (lp - lq)).sum() * c
+            grad = lq.exp().sub_(p).mul_(c * inv)          # soft_w T (q_T - p_T) / B
+        if hard_w > 0.0:
+            if lq1 is None:
+                lq1 = _log_softmax(zc)
+            c = hard_w / B
+            hard = F.nll_loss(lq1, labels, reduction="sum")
+            loss = hard * c if loss is None else loss.add_(hard, alpha=c)
+            g1 = lq1.exp()
+            grad = g1.mul_(c) if grad is None else grad.add_(g1, alpha=c)
+            grad.scatter_(1, labels.view(-1, 1), -c, reduce="add")  # - onehot(y) * c
+        ctx.save_for_backward(grad)
+        ctx.z_dtype = z.dtype
+        return loss.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.z_dtype), None, None, None, None, None
+
+
+def _kd(student_logits: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], T: float,
+        alpha: float, at_T: bool) -> torch.Tensor:
+    T, alpha = float(T), float(alpha)
+    _check_t_alpha(T, alpha)
+    if student_logits.dim() != 2 or teacher.shape != student_logits.shape:
+        raise ValueError(f"teacher targets {tuple(teacher.shape)} do not match student logits "
+                         f"{tuple(student_logits.shape)} (both must be (B, C))")
+    if student_logits.shape[0] == 0:
+        raise ValueError("empty batch: the loss is a mean over the batch")
+    if labels is not None:
+        if labels.shape != student_logits.shape[:1]:
+            raise ValueError(f"labels {tuple(labels.shape)} do not match the batch size {student_logits.shape[0]}")
+        labels = labels.long()
+    return _FusedKD.apply(student_logits, teacher, labels, T, alpha, at_T)
 
 
 def kd_loss(
@@ -76,42 +129,24 @@ def kd_loss(
     labels: Optional[torch.Tensor],
     T: float,
     alpha: float,
-    teacher_is_logprob: bool = False,
+    teacher_is_log_probs: bool = False,
 ) -> torch.Tensor:
-    """alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(labels, q_1), a scalar.
+    """alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(labels, q_1), a scalar (mean over the batch).
 
-    student_logits: (B, C) float; teacher: (B, C) raw logits or log-probabilities at T = 1;
-    labels: (B,) int class indices, or None for an unlabelled transfer set. Without labels there is
-    no hard term and the soft term gets weight 1 (T^2 * KL): alpha only trades soft against hard,
-    and keeping T^2 keeps the gradient scale (and hence a tuned learning rate) independent of T.
-    `teacher_is_logprob` documents what the caller passes; both give the same soft targets (see the
-    module docstring), so it does not change the result.
+    Args:
+        student_logits: (B, C) float (any float dtype; the math runs in float32 or wider).
+        teacher: (B, C) the batch's cached targets, raw logits or log-probabilities at T = 1, float16
+            or float32, on the student's device. May hold -inf (a class of zero teacher mass, e.g. a
+            densified top-k tail without mass): it contributes 0 * log 0 = 0, not NaN. Gets no gradient.
+        labels: (B,) int class indices, or None for an unlabelled transfer set. Without labels there
+            is no hard term and the soft term gets weight 1 (T^2 * KL): alpha only trades soft against
+            hard, and keeping T^2 keeps the gradient scale (and a tuned learning rate) independent of T.
+        T: temperature > 0. alpha: weight of the soft term in [0, 1].
+        teacher_is_log_probs: what the caller passes; both give the same soft targets (softmax is
+            invariant to a per-row shift: see the module docstring), so it does not change the result.
     """
-    del teacher_is_logprob  # same math either way: softmax is invariant to a per-row shift
-    _check_t_alpha(T, alpha)
-    if teacher.shape != student_logits.shape:
-        raise ValueError(f"teacher targets {tuple(teacher.shape)} do not match student logits {tuple(student_logits.shape)}")
-    return _combine(student_logits, lambda: soft_kl(student_logits, teacher, T), labels, T, alpha)
-
-
-def kd_loss_from_log_probs(
-    student_logits: torch.Tensor,
-    teacher_log_p: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    T: float,
-    alpha: float,
-) -> torch.Tensor:
-    """`kd_loss` with the soft targets given as `teacher_log_probs(teacher, T)` for the same T.
-
-    The cached student path computes those once per run instead of at every step: measured on the
-    quickstart student (9,868 parameters, batch 128, one thread) an epoch takes 0.032 s instead of
-    0.037 s, against 0.027 s for plain hard-label training.
-    """
-    _check_t_alpha(T, alpha)
-    if teacher_log_p.shape != student_logits.shape:
-        raise ValueError(f"teacher targets {tuple(teacher_log_p.shape)} do not match student logits "
-                         f"{tuple(student_logits.shape)}")
-    return _combine(student_logits, lambda: _soft_kl_log_probs(student_logits, teacher_log_p, T), labels, T, alpha)
+    del teacher_is_log_probs  # same math either way
+    return _kd(student_logits, teacher, labels, T, alpha, at_T=False)
 
 
 class KDLoss(nn.Module):
@@ -119,66 +154,34 @@ class KDLoss(nn.Module):
 
     def __init__(self, T: float, alpha: float):
         super().__init__()
+        _check_t_alpha(float(T), float(alpha))
         self.T = float(T)
         self.alpha = float(alpha)
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
-        teacher_is_logprob: bool = False,
-    ) -> torch.Tensor:
-        return kd_loss(student_logits, teacher, labels, self.T, self.alpha, teacher_is_logprob)
+    def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher, labels, self.T, self.alpha)
 
     def extra_repr(self) -> str:
         return f"T={self.T}, alpha={self.alpha}"
 
 
-def topk_to_dense_logprob(topk_idx: torch.Tensor, topk_logp: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dense (B, C) log-probabilities from top-k ones, the tail spread uniformly.
-
-    topk_idx: (B, k) long class indices; topk_logp: (B, k) their log-probabilities at T = 1.
-    Every class outside the top k gets (1 - sum_k p) / (C - k). A tail with no mass (or negative
-    through float16 rounding) gives those classes log 0 = -inf, which `soft_kl` handles.
-
-    This is an approximation. The real tail is not uniform, so the student is taught that all
-    non-top-k classes are equally (un)likely: the ranking among them, part of the "dark knowledge",
-    is lost, and at T > 1 the softened tail is wrong in shape, not only in detail. Anshumann et al.
-    (2025, "Sparse Logit Sampling") show such top-k caches give biased targets that cost accuracy
-    and calibration, whereas importance-sampled sparse targets are unbiased. Use dense caches when the
-    class count allows; top-k is for very large C (e.g. JFT's 15,000 classes).
-    """
-    if topk_idx.shape != topk_logp.shape or topk_idx.dim() != 2:
-        raise ValueError(f"top-k indices {tuple(topk_idx.shape)} and log-probs {tuple(topk_logp.shape)} must both be (B, k)")
-    b, k = topk_logp.shape
-    if k > num_classes:
-        raise ValueError(f"top-k of {k} exceeds num_classes {num_classes}")
-    logp = topk_logp.float()
-    if k == num_classes:
-        dense = torch.empty(b, num_classes, dtype=logp.dtype, device=logp.device)
-    else:
-        tail = (1.0 - logp.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-        dense = (tail.log() - math.log(num_classes - k)).expand(b, num_classes).clone()
-    return dense.scatter_(1, topk_idx.long(), logp)
+# --------------------------------------------------------------------------------------------------
+# Deprecated: soft targets precomputed for the whole transfer set at one T. `kd_loss` computes them
+# per batch on the device at no measurable cost, without an N x C float32 copy of the cache. Kept
+# only while pipeline/stages/student.py still calls them; both go through the same fused kernel.
 
 
-def kd_loss_topk(
-    student_logits: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_logp: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    T: float,
-    alpha: float,
-    num_classes: int,
-) -> torch.Tensor:
-    """`kd_loss` with a teacher cached as top-k log-probabilities (see `topk_to_dense_logprob` for
-    the uniform-tail approximation and its bias). With k == C it equals the dense loss exactly.
+def teacher_log_probs(teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """Deprecated (see above): log softmax(teacher / T) in float32, -inf floored to the float32 minimum."""
+    log_p = F.log_softmax(teacher.detach().float() / T, dim=-1)
+    return log_p.clamp_min(torch.finfo(log_p.dtype).min)
 
-    student_logits: (B, C); topk_idx: (B, k) long; topk_logp: (B, k); labels: (B,) or None.
-    """
-    dense = topk_to_dense_logprob(topk_idx, topk_logp, num_classes)
-    return kd_loss(student_logits, dense, labels, T, alpha, teacher_is_logprob=True)
+
+def kd_loss_from_log_probs(student_logits: torch.Tensor, teacher_log_p: torch.Tensor,
+                           labels: Optional[torch.Tensor], T: float, alpha: float) -> torch.Tensor:
+    """Deprecated (see above): `kd_loss` with targets given as `teacher_log_probs(teacher, T)`."""
+    return _kd(student_logits, teacher_log_p, labels, T, alpha, at_T=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,23 +197,27 @@ def make_kd_batch_loss(
     T: float,
     alpha: float,
     teacher_key: str = "teacher",
-    teacher_is_logprob: bool = False,
-    topk_keys: Optional[tuple[str, str]] = None,
+    topk_keys: Optional[tuple[str, str, str]] = None,
     num_classes: Optional[int] = None,
 ) -> Callable[[torch.Tensor, dict], torch.Tensor]:
     """A loss_fn(logits, batch) reading the teacher targets from the batch dict.
 
-    Dense targets: batch[teacher_key] (B, C). Top-k targets: topk_keys = (idx_key, logp_key) naming
-    (B, k) tensors, plus num_classes. Labels are batch["y"] when present, else the transfer set is
-    treated as unlabelled (soft term only).
+    Dense targets: batch[teacher_key] (B, C). Top-k targets: topk_keys = (idx_key, val_key, tail_key)
+    naming the cache's (B, k) indices, (B, k) log-probabilities and (B,) log tail mass, plus
+    num_classes; they are densified per batch by `pipeline.cache.topk_to_dense`. Labels are
+    batch["y"] when present, else the transfer set is treated as unlabelled (soft term only).
     """
+    _check_t_alpha(float(T), float(alpha))
     if topk_keys is not None and num_classes is None:
         raise ValueError("top-k targets need num_classes")
 
     def loss_fn(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         labels = batch.get("y")
         if topk_keys is not None:
-            return kd_loss_topk(logits, batch[topk_keys[0]], batch[topk_keys[1]], labels, T, alpha, num_classes)
-        return kd_loss(logits, batch[teacher_key], labels, T, alpha, teacher_is_logprob)
+            from pipeline.cache import topk_to_dense
+
+            i, v, t = (batch[k] for k in topk_keys)
+            return kd_loss(logits, topk_to_dense(i, v, t, num_classes), labels, T, alpha, teacher_is_log_probs=True)
+        return kd_loss(logits, batch[teacher_key], labels, T, alpha)
 
     return loss_fn

@@ -6,15 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
-    KDLoss,
-    cross_entropy_loss,
-    kd_loss,
-    kd_loss_topk,
-    make_kd_batch_loss,
-    soft_kl,
-    topk_to_dense_logprob,
-)
+from pipeline.cache import topk_to_dense
+from pipeline.losses import KDLoss, _log_softmax, cross_entropy_loss, kd_loss, make_kd_batch_loss
 
 
 def _softmax(z):
@@ -72,8 +65,8 @@ def test_logprob_teacher_equals_logit_teacher(logits):
     """softmax(log_softmax(z)/T) == softmax(z/T): the cache may hold either."""
     zs, zt, y = logits
     a = kd_loss(zs, zt, y, 4.0, 0.7)
-    b = kd_loss(zs, F.log_softmax(zt, -1), y, 4.0, 0.7, teacher_is_logprob=True)
-    c = kd_loss(zs, F.log_softmax(zt, -1).half(), y, 4.0, 0.7, teacher_is_logprob=True)  # float16 cache
+    b = kd_loss(zs, F.log_softmax(zt, -1), y, 4.0, 0.7, teacher_is_log_probs=True)
+    c = kd_loss(zs, F.log_softmax(zt, -1).half(), y, 4.0, 0.7, teacher_is_log_probs=True)  # float16 cache
     assert b.item() == pytest.approx(a.item(), rel=1e-6)
     assert c.item() == pytest.approx(a.item(), rel=1e-2)
 
@@ -81,7 +74,7 @@ def test_logprob_teacher_equals_logit_teacher(logits):
 def test_zero_probability_classes_give_finite_loss_and_grad():
     zs = torch.randn(3, 4, requires_grad=True)
     logp = torch.log(torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]))
-    loss = kd_loss(zs, logp, None, T=1.0, alpha=1.0, teacher_is_logprob=True)
+    loss = kd_loss(zs, logp, None, T=1.0, alpha=1.0, teacher_is_log_probs=True)
     loss.backward()
     want = _reference(zs.detach().numpy(), np.log(np.clip(logp.double().exp().numpy(), 1e-300, None)), None, 1.0, 1.0)
     assert torch.isfinite(loss) and torch.isfinite(zs.grad).all()
@@ -90,7 +83,7 @@ def test_zero_probability_classes_give_finite_loss_and_grad():
 
 def _soft_grad(zs, zt, T, with_t2):
     zs = zs.clone().requires_grad_(True)
-    loss = (T * T if with_t2 else 1.0) * soft_kl(zs, zt, T)
+    loss = kd_loss(zs, zt, None, T, 1.0) / (1.0 if with_t2 else T * T)  # T^2 KL, or KL alone
     loss.backward()
     return zs.grad
 
@@ -116,32 +109,90 @@ def test_soft_gradient_scales_as_inverse_t_squared_and_t2_restores_it():
     assert (g20.norm() / g40.norm()).item() == pytest.approx(1.0, rel=0.05)
 
 
-def test_topk_with_k_equal_c_is_the_dense_loss(logits):
+def _autograd_reference(zs, zt, labels, T, alpha):
+    """The textbook composition (log_softmax, kl_div, cross_entropy) that autograd differentiates."""
+    log_p = F.log_softmax(zt.float() / T, -1).clamp_min(torch.finfo(torch.float32).min)
+    soft = F.kl_div(F.log_softmax(zs.float() / T, -1), log_p, reduction="batchmean", log_target=True)
+    if labels is None:
+        return T * T * soft
+    return alpha * T * T * soft + (1 - alpha) * F.cross_entropy(zs.float(), labels)
+
+
+@pytest.mark.parametrize("C", [2, 3, 12, 15, 16, 40])
+@pytest.mark.parametrize("T,alpha", [(1.0, 0.5), (2.0, 0.7), (4.0, 1.0), (0.5, 0.0), (3.0, 0.3)])
+def test_fused_loss_and_gradient_match_autograd(C, T, alpha):
+    """The fused loss computes its own gradient: it must equal autograd's through the composition,
+    for every class count (the CPU row-width special case included), with and without labels."""
+    g = torch.Generator().manual_seed(C)
+    zs = (torch.randn(17, C, generator=g) * 3).requires_grad_(True)
+    zt = (torch.randn(17, C, generator=g) * 3).half()
+    zt[0, 1] = float("-inf")  # a class of zero teacher mass
+    y = torch.randint(0, C, (17,), generator=g)
+    for labels in (y, None):
+        want = _autograd_reference(zs, zt, labels, T, alpha)
+        (g_want,) = torch.autograd.grad(want, zs)
+        got = kd_loss(zs, zt, labels, T, alpha)
+        (g_got,) = torch.autograd.grad(got, zs)
+        assert torch.isfinite(got) and torch.isfinite(g_got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_gradient_passes_gradcheck_in_float64():
+    g = torch.Generator().manual_seed(4)
+    zs = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    zt = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    for T, alpha, labels in ((2.5, 0.6, y), (1.0, 0.6, y), (1.7, 0.2, None), (3.0, 0.0, y)):
+        assert torch.autograd.gradcheck(lambda z: 3.0 * kd_loss(z, zt, labels, T, alpha), (zs,))
+
+
+def test_half_precision_student_gets_half_gradients():
+    zs = torch.randn(4, 12).half().requires_grad_(True)
+    loss = kd_loss(zs, torch.randn(4, 12), torch.randint(0, 12, (4,)), 2.0, 0.5)
+    loss.backward()
+    assert loss.dtype == torch.float16 and zs.grad.dtype == torch.float16 and torch.isfinite(zs.grad).all()
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 12, 15, 16, 100])
+def test_row_log_softmax_equals_torch(C):
+    x = torch.randn(33, C) * 4
+    torch.testing.assert_close(_log_softmax(x), F.log_softmax(x, 1))
+
+
+def test_topk_with_k_equal_c_minus_one_and_exact_tail_is_the_dense_loss(logits):
+    """The one densifier (`cache.topk_to_dense`) spreads the cache's stored tail mass: with a single
+    class outside the top k it recovers the dense teacher exactly."""
     zs, zt, y = logits
     logp = F.log_softmax(zt, -1)
-    order = torch.argsort(torch.rand(logp.shape, generator=torch.Generator().manual_seed(2)), dim=1)
-    top = kd_loss_topk(zs, order, logp.gather(1, order), y, 3.0, 0.8, num_classes=5)
-    dense = kd_loss(zs, logp, y, 3.0, 0.8, teacher_is_logprob=True)
-    assert top.item() == pytest.approx(dense.item(), rel=1e-6)
+    order = torch.argsort(logp, dim=1, descending=True)
+    idx, val = order[:, :4], logp.gather(1, order[:, :4])
+    tail = logp.gather(1, order[:, 4:]).squeeze(1)  # log of the mass outside the top 4
+    dense = topk_to_dense(idx, val, tail, 5)
+    torch.testing.assert_close(dense, logp)
+    top = kd_loss(zs, dense, y, 3.0, 0.8, teacher_is_log_probs=True)
+    assert top.item() == pytest.approx(kd_loss(zs, logp, y, 3.0, 0.8).item(), rel=1e-6)
 
 
 def test_topk_spreads_tail_uniformly_hand_example():
     # Teacher: p = [0.5, ?, 0.3, ?] with tail 0.2 over classes 1 and 3 -> dense [0.5, 0.1, 0.3, 0.1].
-    idx = torch.tensor([[2, 0]])
-    logp = torch.log(torch.tensor([[0.3, 0.5]]))
-    dense = topk_to_dense_logprob(idx, logp, 4)
-    np.testing.assert_allclose(dense.exp().numpy(), [[0.5, 0.1, 0.3, 0.1]], rtol=1e-6)
+    idx = torch.tensor([[2, 0]], dtype=torch.int16)  # the cache stores int16 indices for C <= 32767
+    logp = torch.log(torch.tensor([[0.3, 0.5]])).half()
+    tail = torch.log(torch.tensor([0.2]))
+    dense = topk_to_dense(idx, logp, tail, 4)
+    np.testing.assert_allclose(dense.exp().numpy(), [[0.5, 0.1, 0.3, 0.1]], rtol=1e-3)
     zs = torch.tensor([[1.0, -0.5, 0.25, 2.0]])
-    got = kd_loss_topk(zs, idx, logp, torch.tensor([3]), T=2.0, alpha=0.6, num_classes=4)
+    got = kd_loss(zs, dense, torch.tensor([3]), T=2.0, alpha=0.6, teacher_is_log_probs=True)
     want = _reference(zs.numpy(), np.log([[0.5, 0.1, 0.3, 0.1]]), [3], 2.0, 0.6)
-    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert got.item() == pytest.approx(want, rel=1e-3)
 
 
 def test_topk_without_tail_mass_is_finite():
     idx = torch.tensor([[0, 1], [3, 2]])
-    logp = torch.log(torch.tensor([[0.6, 0.4], [0.9, 0.1]])).half()  # float16 rounding may overshoot 1
+    logp = torch.log(torch.tensor([[0.6, 0.4], [0.9, 0.1]])).half()
+    tail = torch.full((2,), -1.0e4)  # the cache's floor for "no mass outside the top k"
     zs = torch.randn(2, 5, requires_grad=True)
-    loss = kd_loss_topk(zs, idx, logp, None, T=4.0, alpha=1.0, num_classes=5)
+    loss = kd_loss(zs, topk_to_dense(idx, logp, tail, 5), None, T=4.0, alpha=1.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(zs.grad).all()
 
@@ -154,9 +205,13 @@ def test_batch_loss_helpers(logits):
     assert fn(zs, {"teacher": zt}).item() == pytest.approx(kd_loss(zs, zt, None, 5.0, 0.4).item())
     logp = F.log_softmax(zt, -1)
     top = torch.topk(logp, 2, dim=1)
-    fk = make_kd_batch_loss(5.0, 0.4, topk_keys=("ti", "tl"), num_classes=5)
-    got = fk(zs, {"y": y, "ti": top.indices, "tl": top.values})
-    assert got.item() == pytest.approx(kd_loss_topk(zs, top.indices, top.values, y, 5.0, 0.4, 5).item())
+    tail = torch.logsumexp(logp.scatter(1, top.indices, float("-inf")), 1)
+    fk = make_kd_batch_loss(5.0, 0.4, topk_keys=("ti", "tv", "tt"), num_classes=5)
+    got = fk(zs, {"y": y, "ti": top.indices, "tv": top.values, "tt": tail})
+    want = kd_loss(zs, topk_to_dense(top.indices, top.values, tail, 5), y, 5.0, 0.4)
+    assert got.item() == pytest.approx(want.item())
+    with pytest.raises(ValueError, match="num_classes"):
+        make_kd_batch_loss(5.0, 0.4, topk_keys=("ti", "tv", "tt"))
 
 
 def test_bad_arguments_are_rejected(logits):
@@ -167,9 +222,13 @@ def test_bad_arguments_are_rejected(logits):
         kd_loss(zs, zt, y, 1.0, 1.5)
     with pytest.raises(ValueError, match="do not match"):
         kd_loss(zs, zt[:, :3], y, 1.0, 0.5)
+    with pytest.raises(ValueError, match="labels"):
+        kd_loss(zs, zt, y[:3], 1.0, 0.5)
+    with pytest.raises(ValueError, match="empty batch"):
+        kd_loss(zs[:0], zt[:0], y[:0], 1.0, 0.5)
 
 
-def test_kd_loss_from_precomputed_log_probs_matches_kd_loss_and_its_gradient():
+def test_deprecated_precomputed_log_probs_path_matches_kd_loss_and_its_gradient():
     from pipeline.losses import kd_loss_from_log_probs, teacher_log_probs
 
     torch.manual_seed(3)
