@@ -1,9 +1,12 @@
 """Raw data -> WebDataset shards + `manifest.json` (`distill data ingest`, and the `data` stage).
 
-One loader per source format returns the splits as in-memory arrays; the rest is shared: checks
-(shapes, dtypes, label range), a stratified seeded val split carved from train when the source has
-none, a seeded shuffle of train and val (so every shard holds a mix of classes), and the atomic,
-resumable write of shards and manifest.
+Shards are written as they are filled, so memory does not grow with the dataset: each format's
+loader gives either in-memory arrays (the small array formats below), a list of files read per
+shard in parallel (`folder`), or a generator that yields blocks (`synthetic`). The rest is shared:
+checks (label range, shapes, dtypes), a stratified seeded val split carved from train when the
+source has none (on labels and indices only; for a generated source, on the fly from class counts
+of a first pass over its labels), a seeded shuffle of train and val (so every shard holds a mix
+of classes), and the atomic, resumable write of shards and manifest.
 
 Formats (`--format`):
   idx        MNIST-format files (`train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
@@ -15,25 +18,36 @@ Formats (`--format`):
              except the few numpy needs to rebuild an array.
   npz        a NumPy archive with `x_train, y_train, x_test, y_test` (optional `x_val, y_val`,
              `class_names`), loaded with `allow_pickle=False`.
-  folder     class-per-folder images (PNG/JPEG/BMP via Pillow): `SOURCE/{train,test[,val]}/CLASS/*`,
-             or `SOURCE/CLASS/*` (then test is carved like val). Grayscale or RGB; every image must
-             have the same size and mode.
+  folder     class-per-folder images, local or s3://: `SOURCE/{train,test[,val]}/CLASS/*`, or
+             `SOURCE/CLASS/*` (then test is carved like val). Any sizes and modes. Images are kept
+             encoded: JPEG/PNG/WebP files are stored byte for byte as `{key}.jpg|png|webp` members
+             (other formats Pillow reads are re-encoded once as PNG); every file is decoded once
+             first, and all unreadable ones are named together (exit 2, nothing written).
   digits     scikit-learn's bundled 8x8 digits (no download); test carved from it.
-  synthetic  seeded vectors with confusable class groups (`make_synthetic`), groups in the manifest.
+  synthetic  seeded vectors with confusable class groups (`SyntheticGenerator`), groups in the
+             manifest; generated block by block from per-block seeds.
 
-Inputs are stored as uint8 images (N, C, H, W) (models map them to [-1, 1]) or float32 vectors
-(N, D) for synthetic data. Sample keys are `{split}_{index:08d}`.
+Inputs are stored as uint8 images (N, C, H, W) (models map them to [-1, 1]), float32 vectors
+(N, D) for synthetic data (manifest `"encoding": "npy"`), or encoded images (`"encoding": "image"`,
+decoded at training time by `pipeline.transforms`). Sample keys are `{split}_{index:08d}`.
 
 Atomicity and reruns: every shard is published whole (temp file + rename locally, one PUT on S3);
 the manifest goes last and is removed first when the folder is being rewritten, so a manifest
 always describes complete shards. Shard bytes are deterministic, so a rerun after an interruption
 keeps the shards already written (same sha256), writes the rest and never duplicates a sample; a
 rerun of a finished ingest with the same settings does nothing.
+
+Foreign files: ingest only ever removes or overwrites files it wrote itself, i.e. the shards listed
+in its own previous `manifest.json` or in the journal (`.distill-ingest.json`) an unfinished ingest
+left behind. A `manifest.json` that distill did not write, or a shard-named file it would overwrite
+without having written it, stops the ingest with exit 2 before anything is written.
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import io
+import json
 import os
 import pickle
 import re
@@ -43,14 +57,14 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
 from pipeline import storage
 from pipeline.config import FORMATS, SyntheticConfig, parse_overrides
-from pipeline.data.shards import (FORMAT_VERSION, MANIFEST, SHARD_RE, encode_shard, sample_key,
-                                  shard_name)
+from pipeline.data.shards import (FORMAT_VERSION, MANIFEST, SHARD_RE, SPLITS, encode_image_shard, encode_shard,
+                                  prefetch, sample_key, shard_name)
 from pipeline.errors import UserError
 
 DEFAULT_TEST_FRACTION = 0.2
@@ -61,13 +75,24 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 @dataclass
 class RawData:
-    """What a loader returns: splits as arrays plus what the manifest says about the classes."""
+    """What a loader returns: the splits plus what the manifest says about the classes.
+
+    Array formats: `splits` maps "train", "test", optional "val" (or "all" for one pool) to
+    in-memory (x, y). A folder: `splits` maps to (file indices, y) and `fetch(indices)` reads those
+    files' encoded bytes. A generator: `splits` is empty and `stream` yields blocks
+    (`SyntheticGenerator`). The last two give `input_shape` and `dtype` themselves.
+    """
 
     name: str
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # "train", "test", optional "val": (x, y)
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
     class_names: list[str]
     class_groups: Optional[list[list[int]]] = None
     extra: dict[str, Any] = field(default_factory=dict)  # more manifest keys (e.g. group_names)
+    encoding: str = "npy"  # "npy" (one .input.npy member per sample) or "image" (encoded bytes)
+    fetch: Optional[Callable[[np.ndarray], Any]] = None
+    stream: Any = None
+    input_shape: Optional[list[int]] = None
+    dtype: Optional[str] = None
 
 
 def _log(msg: str) -> None:
@@ -360,37 +385,99 @@ def load_npz(source: str, **_: Any) -> RawData:
 
 
 # ---------------------------------------------------------------------------------------------
-# folder of images
+# folder of images (kept encoded)
 # ---------------------------------------------------------------------------------------------
 
-_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp")
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Formats stored as they are, byte for byte (their tar member extension); any other format Pillow
+# reads (BMP, GIF, TIFF, ...) is re-encoded once as PNG, which is lossless.
+_KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_FORMAT_NAMES = {"jpg": "jpeg", "png": "png", "webp": "webp"}
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+# Files read at once by the thread pools of `load_folder` and `_FolderFetch` (Pillow releases the
+# GIL while it decodes, and S3 reads are round trips, so threads overlap both).
+_READ_WORKERS = max(4, min(32, 4 * (os.cpu_count() or 1)))
+_MAX_NAMED = 50  # bad files named one per line in the error message (all are counted)
 
 
-def _read_image(fs, path: str, uri: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with fs.open(path, "rb") as f, Image.open(f) as im:
-            im.load()
-            mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-            arr = np.asarray(im.convert(mode), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{uri}: not a readable image ({e})") from None
-    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+def _image_uri(source: str, path: str) -> str:
+    return path if not storage.is_remote(source) else f"{source.split('://', 1)[0]}://{path}"
 
 
-def _describe(shape: tuple[int, ...]) -> str:
-    return f"{shape[2]}x{shape[1]} {'grayscale' if shape[0] == 1 else 'RGB'}"
+def _probe_image(fs, path: str) -> tuple[str, int, int, int]:
+    """(member extension, height, width, channels) of one image file, decoded once to prove it is
+    whole (a truncated JPEG opens fine and fails only here). Raises on any unreadable file."""
+    from PIL import Image
+
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as im:
+        w, h, fmt, mode = im.width, im.height, im.format, im.mode
+        if fmt == "JPEG":
+            im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))  # DCT scaling: every scan is read, 8x less work
+        im.load()
+    if w < 1 or h < 1:
+        raise ValueError(f"empty image ({w}x{h})")
+    return _KEPT_FORMATS.get(fmt, "png"), h, w, 1 if mode in _GREY_MODES else 3
+
+
+def _read_encoded(fs, path: str, ext: str) -> bytes:
+    """The bytes stored for one image: the file itself, or a PNG re-encoding of other formats."""
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if ext != "png" or data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode not in ("1", "L", "LA", "I", "I;16", "RGB", "RGBA", "P"):
+            im = im.convert("RGBA" if "A" in im.mode else "RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+class _FolderFetch:
+    """What the writer calls per shard: the encoded bytes of the images at `indices`, read in threads."""
+
+    def __init__(self, fs, paths: list[str], exts: list[str], source: str):
+        self.fs, self.paths, self.exts, self.source = fs, paths, exts, source
+
+    def __call__(self, indices: np.ndarray) -> "ImageBatch":
+        from concurrent.futures import ThreadPoolExecutor
+
+        idx = [int(i) for i in indices]
+        with ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="distill-img") as ex:
+            try:
+                blobs = list(ex.map(lambda i: _read_encoded(self.fs, self.paths[i], self.exts[i]), idx))
+            except Exception as e:  # noqa: BLE001 - a file changed or vanished since it was checked
+                raise UserError(f"{self.source}: an image changed or became unreadable while the shards were "
+                                f"written ({type(e).__name__}: {e}); fix the folder and ingest again") from None
+        return ImageBatch(blobs, [self.exts[i] for i in idx])
+
+
+@dataclass
+class ImageBatch:
+    """Encoded images for one shard: bytes per sample and the tar member extension of each."""
+
+    blobs: list[bytes]
+    exts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.blobs)
 
 
 def load_folder(source: str, **_: Any) -> RawData:
+    """Class-per-folder images, kept encoded: every file is read and decoded once (in parallel) to
+    find unreadable ones, which are all named at once; shards then hold the files' own bytes."""
     try:
         import PIL  # noqa: F401
     except ImportError:
         raise UserError("the folder format reads images with Pillow, which is not installed: pip install pillow") from None
     if not storage.exists(source) or not storage.isdir(source):
-        raise UserError(f"{source}: no such folder (folder format expects SOURCE/train/CLASS/*.png and "
-                        "SOURCE/test/CLASS/*.png, or SOURCE/CLASS/*.png)")
+        raise UserError(f"{source}: no such folder (folder format expects SOURCE/train/CLASS/*.jpg and "
+                        "SOURCE/test/CLASS/*.jpg, or SOURCE/CLASS/*.jpg)")
     fs, root = storage.get_fs(source)
     top = [n for n in storage.listdir(source) if not n.startswith(".")]
     if "train" in top:
@@ -399,41 +486,76 @@ def load_folder(source: str, **_: Any) -> RawData:
         split_dirs = {s: storage.join(source, s) for s in ("train", "val", "test") if s in top}
     else:
         split_dirs = {"all": source}
-    class_names = sorted(n for n in storage.listdir(split_dirs.get("train", source))
-                         if not n.startswith(".") and storage.isdir(storage.join(split_dirs.get("train", source), n)))
+    train_dir = split_dirs.get("train", source)
+    class_names = sorted(n for n in storage.listdir(train_dir)
+                         if not n.startswith(".") and storage.isdir(storage.join(train_dir, n)))
     if not class_names:
-        raise UserError(f"{split_dirs.get('train', source)}: no class folders found (expected one folder per class)")
+        raise UserError(f"{train_dir}: no class folders found (expected one folder per class)")
     index = {c: i for i, c in enumerate(class_names)}
-    first: Optional[tuple[tuple[int, ...], str]] = None
-    splits = {}
+    paths: list[str] = []
+    per_split: dict[str, tuple[int, int, list[int]]] = {}  # split -> (first, end, labels)
     for split, folder in split_dirs.items():
-        xs, ys = [], []
+        first, labels = len(paths), []
         for cname in storage.listdir(folder):
             cdir = storage.join(folder, cname)
             if cname.startswith(".") or not storage.isdir(cdir):
                 continue
             if cname not in index:
-                raise UserError(f"{cdir}: class '{cname}' does not exist in {split_dirs.get('train', source)}; "
+                raise UserError(f"{cdir}: class '{cname}' does not exist in {train_dir}; "
                                 "every split must use the training classes")
-            files = sorted(p for p in fs.find(storage.get_fs(cdir)[1]) if p.lower().endswith(_IMAGE_EXT))
+            files = sorted(p for p in fs.find(storage.get_fs(cdir)[1]) if p.lower().endswith(_IMAGE_EXT)
+                           and not p.rsplit("/", 1)[-1].startswith("."))
             if not files and split in ("train", "all"):
                 raise UserError(f"{cdir}: no images ({', '.join(_IMAGE_EXT)}) in this class folder")
-            for p in files:
-                uri = p if not storage.is_remote(source) else f"{source.split('://', 1)[0]}://{p}"
-                img = _read_image(fs, p, uri)
-                if first is None:
-                    first = (img.shape, uri)
-                elif img.shape != first[0]:
-                    raise UserError(f"{uri}: image is {_describe(img.shape)} but {first[1]} is "
-                                    f"{_describe(first[0])}; all images must share one size and mode "
-                                    "(resize/convert them first)")
-                xs.append(img)
-                ys.append(index[cname])
-        if not xs:
+            paths.extend(files)
+            labels.extend([index[cname]] * len(files))
+        if not labels:
             raise UserError(f"{folder}: no images found")
-        splits[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
+        per_split[split] = (first, len(paths), labels)
+
+    from tqdm import tqdm
+
+    n = len(paths)
+    exts: list[str] = [""] * n
+    hw = np.zeros((n, 2), dtype=np.int32)
+    colour = np.zeros(n, dtype=bool)
+    bad: list[tuple[str, str]] = []
+
+    def probe(i: int):
+        try:
+            return i, _probe_image(fs, paths[i]), None
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
+            return i, None, f"{type(e).__name__}: {e}"
+
+    with tqdm(total=n, desc="check images", unit="img", file=sys.stderr, disable=n < 2000) as bar:
+        # prefetch keeps a bounded window of reads in flight (not one future per file).
+        for _, fut in prefetch(probe, range(n), workers=_READ_WORKERS, window=4 * _READ_WORKERS):
+            i, info, err = fut.result()
+            if err is not None:
+                bad.append((_image_uri(source, paths[i]), err))
+            else:
+                exts[i], hw[i, 0], hw[i, 1], ch = info
+                colour[i] = ch == 3
+            bar.update(1)
+    if bad:
+        shown = "\n  ".join(f"{u}: {why}" for u, why in bad[:_MAX_NAMED])
+        more = f"\n  ... and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
+        raise UserError(f"{source}: {len(bad)} of {n} image file(s) cannot be read or decoded:\n  {shown}{more}\n"
+                        "Replace or delete these files (or move them out of the folder) and ingest again; "
+                        "nothing was written")
+    fetch = _FolderFetch(fs, paths, exts, source)
+    splits = {s: (np.arange(a, b), np.asarray(lab, dtype=np.int64)) for s, (a, b, lab) in per_split.items()}
+    sizes, counts = np.unique(hw, axis=0, return_counts=True)
+    common = sizes[int(np.argmax(counts))]
+    formats = collections.Counter(_FORMAT_NAMES[e] for e in exts)
     name = root.rstrip("/").rsplit("/", 1)[-1]
-    return RawData(name=name, splits=splits, class_names=class_names)
+    return RawData(
+        name=name, splits=splits, class_names=class_names, encoding="image", fetch=fetch,
+        input_shape=[3 if colour.any() else 1, int(common[0]), int(common[1])], dtype="uint8",
+        extra={"image_format": next(iter(formats)) if len(formats) == 1 else "mixed",
+               "image_formats": dict(sorted(formats.items())),
+               "image_size": {"min": [int(v) for v in hw.min(axis=0)], "max": [int(v) for v in hw.max(axis=0)]}},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,10 +613,15 @@ _MODES_PER_CLASS = 8     # each class is a mixture of blobs interleaved with its
 _MODE_BOX = 2.0          # blob centres drawn uniformly in [-box, box]^3 of the group subspace
 _MODE_SPREAD = 0.25      # blob std inside the subspace, times `difficulty`
 _BACKGROUND_NOISE = 0.3  # isotropic noise std in all dimensions
+# Samples per generation block. Each block has its own seed (from the config's seed, the split and
+# the block's index), so the generator streams in constant memory and the data do not depend on
+# the shard size.
+SYNTHETIC_BLOCK = 4096
+_SPLIT_ID = {"train": 1, "test": 2}
 
 
-def make_synthetic(cfg: SyntheticConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[list[int]]]:
-    """Seeded float32 vectors with real confusable structure; returns ({"train", "test"}, groups).
+class SyntheticGenerator:
+    """Seeded float32 vectors with real confusable structure, generated block by block.
 
     Classes are split into `num_groups` groups (a seeded assignment, so groups are not contiguous
     index ranges). Each group has a centre far from the others and its own random 3-d subspace;
@@ -503,42 +630,84 @@ def make_synthetic(cfg: SyntheticConfig) -> tuple[dict[str, tuple[np.ndarray, np
     telling classes apart within a group needs a non-linear boundary among overlapping blobs, whose
     overlap grows with `difficulty`. A generalist therefore errs almost only within groups, and a
     specialist that spends its capacity on one group's boundary can beat it there.
+
+    `blocks(split)` yields (x (n, dim) float32, y (n,) int64) for `SYNTHETIC_BLOCK` samples at a
+    time; `labels(split)` yields only the labels, cheaply (they have their own seed per block), so
+    a first pass can count classes without generating inputs. Classes are balanced over a split.
     """
-    C, G, D = cfg.num_classes, cfg.num_groups, cfg.dim
-    if G > C:
-        raise UserError(f"synthetic.num_groups: {G} groups for {C} classes; need num_groups <= num_classes")
-    structure, train_seed, test_seed = np.random.SeedSequence(cfg.seed).spawn(3)
-    rng = np.random.default_rng(structure)
-    groups = sorted((sorted(int(c) for c in g) for g in np.array_split(rng.permutation(C), G)), key=lambda g: g[0])
-    group_of = np.empty(C, dtype=np.int64)
-    for gi, g in enumerate(groups):
-        group_of[g] = gi
-    k = min(_SUBSPACE_DIMS, D)
-    centres = rng.standard_normal((G, D))
-    centres *= _GROUP_RADIUS / np.linalg.norm(centres, axis=1, keepdims=True)
-    bases = np.stack([np.linalg.qr(rng.standard_normal((D, k)))[0] for _ in range(G)])  # (G, D, k)
-    modes = rng.uniform(-_MODE_BOX, _MODE_BOX, size=(C, _MODES_PER_CLASS, k))
-    spread = _MODE_SPREAD * cfg.difficulty
 
-    def sample(n: int, seed: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
-        r = np.random.default_rng(seed)
-        y = r.permutation(np.arange(n) % C)  # balanced classes
-        m = r.integers(0, _MODES_PER_CLASS, size=n)
-        z = modes[y, m] + spread * r.standard_normal((n, k))
-        g = group_of[y]
-        x = centres[g] + np.einsum("ndk,nk->nd", bases[g], z) + _BACKGROUND_NOISE * r.standard_normal((n, D))
-        return x.astype(np.float32), y.astype(np.int64)
+    def __init__(self, cfg: SyntheticConfig):
+        C, G, D = cfg.num_classes, cfg.num_groups, cfg.dim
+        if G > C:
+            raise UserError(f"synthetic.num_groups: {G} groups for {C} classes; need num_groups <= num_classes")
+        self.cfg = cfg
+        rng = np.random.default_rng(np.random.SeedSequence(entropy=cfg.seed, spawn_key=(0,)))
+        self.groups = sorted((sorted(int(c) for c in g) for g in np.array_split(rng.permutation(C), G)),
+                             key=lambda g: g[0])
+        self.group_of = np.empty(C, dtype=np.int64)
+        for gi, g in enumerate(self.groups):
+            self.group_of[g] = gi
+        k = self.k = min(_SUBSPACE_DIMS, D)
+        centres = rng.standard_normal((G, D))
+        self.centres = centres * (_GROUP_RADIUS / np.linalg.norm(centres, axis=1, keepdims=True))
+        self.bases = np.stack([np.linalg.qr(rng.standard_normal((D, k)))[0] for _ in range(G)])  # (G, D, k)
+        self.modes = rng.uniform(-_MODE_BOX, _MODE_BOX, size=(C, _MODES_PER_CLASS, k))
+        self.spread = _MODE_SPREAD * cfg.difficulty
 
-    return {"train": sample(cfg.train, train_seed), "test": sample(cfg.test, test_seed)}, groups
+    def size(self, split: str) -> int:
+        return int(self.cfg.train if split == "train" else self.cfg.test)
+
+    def _seeds(self, split: str, b: int) -> list[np.random.SeedSequence]:
+        return np.random.SeedSequence(entropy=self.cfg.seed, spawn_key=(_SPLIT_ID[split], b)).spawn(2)
+
+    def _block_labels(self, split: str, b: int, seed: np.random.SeedSequence) -> np.ndarray:
+        lo = b * SYNTHETIC_BLOCK
+        n = min(SYNTHETIC_BLOCK, self.size(split) - lo)
+        return np.random.default_rng(seed).permutation((np.arange(lo, lo + n) % self.cfg.num_classes).astype(np.int64))
+
+    def num_blocks(self, split: str) -> int:
+        return -(-self.size(split) // SYNTHETIC_BLOCK)
+
+    def labels(self, split: str) -> Iterator[np.ndarray]:
+        for b in range(self.num_blocks(split)):
+            yield self._block_labels(split, b, self._seeds(split, b)[0])
+
+    def blocks(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        D = self.cfg.dim
+        for b in range(self.num_blocks(split)):
+            label_seed, input_seed = self._seeds(split, b)
+            y = self._block_labels(split, b, label_seed)
+            r = np.random.default_rng(input_seed)
+            n = len(y)
+            m = r.integers(0, _MODES_PER_CLASS, size=n)
+            z = self.modes[y, m] + self.spread * r.standard_normal((n, self.k))
+            x = _BACKGROUND_NOISE * r.standard_normal((n, D))
+            g = self.group_of[y]
+            for gi in range(len(self.groups)):  # per group: one (n_g, k) @ (k, D) product, no (n, D, k) temporary
+                rows = np.flatnonzero(g == gi)
+                if len(rows):
+                    x[rows] += self.centres[gi] + z[rows] @ self.bases[gi].T
+            yield x.astype(np.float32), y
+
+
+def make_synthetic(cfg: SyntheticConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[list[int]]]:
+    """The whole synthetic dataset in memory: ({"train", "test"}: (x, y)), groups. For tests and
+    small experiments; `ingest` streams the same samples block by block instead."""
+    gen = SyntheticGenerator(cfg)
+    out = {}
+    for split in ("train", "test"):
+        xs, ys = zip(*gen.blocks(split))
+        out[split] = (np.concatenate(xs), np.concatenate(ys))
+    return out, gen.groups
 
 
 def load_synthetic(source: str = "", synthetic: Optional[SyntheticConfig] = None, **_: Any) -> RawData:
     cfg = synthetic or SyntheticConfig()
-    splits, groups = make_synthetic(cfg)
+    gen = SyntheticGenerator(cfg)
     return RawData(
-        name=f"synthetic-{cfg.num_classes}c-{cfg.num_groups}g", splits=splits,
-        class_names=[f"class_{i:02d}" for i in range(cfg.num_classes)], class_groups=groups,
-        extra={"synthetic": cfg.model_dump()},
+        name=f"synthetic-{cfg.num_classes}c-{cfg.num_groups}g", splits={},
+        class_names=[f"class_{i:02d}" for i in range(cfg.num_classes)], class_groups=gen.groups,
+        extra={"synthetic": cfg.model_dump()}, stream=gen, input_shape=[cfg.dim], dtype="float32",
     )
 
 
@@ -550,6 +719,13 @@ LOADERS = {"idx": load_idx, "cifar": load_cifar, "npz": load_npz, "folder": load
 # Splits
 # ---------------------------------------------------------------------------------------------
 
+def _take_count(n: int, fraction: float) -> int:
+    """How many of a class's `n` samples a stratified carve takes (a singleton stays)."""
+    if n <= 1:
+        return 0
+    return min(max(int(round(fraction * n)), 1), n - 1)
+
+
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, taken) sorted index arrays; about `fraction` of every class is taken (seeded).
 
@@ -559,39 +735,80 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     taken = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
-        n = int(round(fraction * len(idx)))
-        n = min(max(n, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        taken.append(rng.permutation(idx)[:n])
+        taken.append(rng.permutation(idx)[:_take_count(len(idx), fraction)])
     take = np.sort(np.concatenate(taken)) if taken else np.zeros(0, dtype=np.int64)
     mask = np.ones(len(y), dtype=bool)
     mask[take] = False
     return np.flatnonzero(mask), take
 
 
-def make_splits(raw: RawData, val_fraction: float, seed: int,
-                test_fraction: float = DEFAULT_TEST_FRACTION) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """train/val/test: carve test (sources with one pool) and val (sources without) from train,
-    stratified and seeded; then shuffle train and val with the seed. Test keeps the source order."""
-    splits = dict(raw.splits)
-    if "all" in splits:
-        x, y = splits.pop("all")
-        keep, take = stratified_split(y, test_fraction, seed + 1)
-        splits["train"], splits["test"] = (x[keep], y[keep]), (x[take], y[take])
-    if "val" not in splits:
-        x, y = splits["train"]
-        keep, take = stratified_split(y, val_fraction, seed)
-        splits["train"], splits["val"] = (x[keep], y[keep]), (x[take], y[take])
+class StreamingCarve:
+    """The stratified seeded carve of `stratified_split`, for a stream of label blocks.
+
+    Given the class counts of the whole stream (a first pass over labels only), it takes exactly
+    `_take_count(n_c, fraction)` samples of every class c, each subset of that size equally likely,
+    holding only per-class counters: in each block, the number taken from class c is drawn from the
+    hypergeometric law of "how many of the still-to-take fall in this block", then that many of the
+    block's class-c samples are chosen at random. Same seed and same blocks, same choice.
+    """
+
+    def __init__(self, class_counts: np.ndarray, fraction: float, seed: int):
+        counts = np.asarray(class_counts, dtype=np.int64)
+        self.remaining = counts.copy()
+        self.to_take = np.array([_take_count(int(n), fraction) for n in counts], dtype=np.int64)
+        self.targets = self.to_take.copy()
+        self.rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(7,)))
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        """Boolean mask over the block: True where the sample is carved out."""
+        mask = np.zeros(len(y), dtype=bool)
+        for c in np.unique(y):
+            pos = np.flatnonzero(y == c)
+            b, rem, want = len(pos), int(self.remaining[c]), int(self.to_take[c])
+            if b > rem:
+                raise RuntimeError(f"StreamingCarve: class {c} has more samples than its count says")
+            k = int(self.rng.hypergeometric(want, rem - want, b)) if want and rem > want else (b if want else 0)
+            if k:
+                mask[pos[self.rng.choice(b, size=k, replace=False)]] = True
+            self.to_take[c] -= k
+            self.remaining[c] -= b
+        return mask
+
+
+def split_indices(labels: dict[str, np.ndarray], val_fraction: float, seed: int,
+                  test_fraction: float = DEFAULT_TEST_FRACTION) -> dict[str, tuple[str, np.ndarray]]:
+    """train/val/test as (source split, indices into it): carve test (sources with one pool) and
+    val (sources without) from train, stratified and seeded; then shuffle train and val with the
+    seed. Test keeps the source order. Only labels and indices are held, never inputs."""
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    if "all" in labels:
+        keep, take = stratified_split(labels["all"], test_fraction, seed + 1)
+        out["train"], out["test"] = ("all", keep), ("all", take)
+    else:
+        out["train"], out["test"] = ("train", np.arange(len(labels["train"]))), ("test", np.arange(len(labels["test"])))
+        if "val" in labels:
+            out["val"] = ("val", np.arange(len(labels["val"])))
+    if "val" not in out:
+        src, idx = out["train"]
+        keep, take = stratified_split(labels[src][idx], val_fraction, seed)
+        out["train"], out["val"] = (src, idx[keep]), (src, idx[take])
     rng = np.random.default_rng(seed)
     for s in ("train", "val"):
-        x, y = splits[s]
-        order = rng.permutation(len(y))
-        splits[s] = (x[order], y[order])
-    return {s: splits[s] for s in ("train", "val", "test")}
+        src, idx = out[s]
+        out[s] = (src, idx[rng.permutation(len(idx))])
+    return {s: out[s] for s in SPLITS}
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
+
+JOURNAL = ".distill-ingest.json"
+_OWNER = "pipeline.data.ingest"
+# Temp names of `storage.write_bytes_atomic` (mkstemp: ".tmp-" + 8 random chars + "-" + name).
+_TMP_RE = re.compile(r"^\.tmp-[A-Za-z0-9_]+-(?:[A-Za-z0-9]+-\d{6}\.tar|" + re.escape(MANIFEST) + "|"
+                     + re.escape(JOURNAL) + ")$")
+
 
 def _list_sizes(uri: str) -> dict[str, int]:
     fs, path = storage.get_fs(uri)
@@ -622,9 +839,10 @@ def _normalise_source(source: str, fmt: str) -> str:
     return source if storage.is_remote(source) else os.path.abspath(source)
 
 
-def _check_arrays(splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int, name: str) -> tuple[list[int], str]:
+def _check_arrays(raw: RawData, name: str) -> tuple[list[int], str]:
+    """Input shape and dtype shared by every split of an in-memory source; labels in range."""
     shape, dtype = None, None
-    for s, (x, y) in splits.items():
+    for s, (x, y) in raw.splits.items():
         if x.dtype not in (np.uint8, np.float32):
             raise UserError(f"{name}: split {s} has inputs of dtype {x.dtype}; expected uint8 or float32")
         if shape is None:
@@ -632,11 +850,48 @@ def _check_arrays(splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes:
         elif x.shape[1:] != shape or x.dtype != dtype:
             raise UserError(f"{name}: split {s} has inputs {x.dtype}{list(x.shape[1:])} but others have "
                             f"{dtype}{list(shape)}; all splits must match")
-        _check_labels(y, num_classes, f"{name} ({s} split)")
-        if len(x) == 0 and s in ("train", "test"):
-            raise UserError(f"{name}: the {s} split is empty")
     assert shape is not None and dtype is not None
     return [int(v) for v in shape], str(np.dtype(dtype))
+
+
+def _is_own_manifest(m: Any) -> bool:
+    return (isinstance(m, dict) and isinstance(m.get("created_by"), str) and _OWNER in m["created_by"]
+            and isinstance(m.get("splits"), dict))
+
+
+def _own_manifest(out: str) -> Optional[dict]:
+    """The manifest distill wrote into `out` earlier, None if there is none; UserError for a
+    `manifest.json` that distill did not write (it is never replaced)."""
+    muri = storage.join(out, MANIFEST)
+    try:
+        raw = storage.read_bytes(muri)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        m = None
+    if not _is_own_manifest(m):
+        raise UserError(
+            f"{muri}: this {MANIFEST} was not written by `distill data ingest` (it has no created_by "
+            f"'... ({_OWNER})'), so ingest will not replace it or touch the files beside it. Ingest into "
+            "another (new or empty) folder, or move that file away if the folder is meant for this dataset"
+        )
+    return m
+
+
+def _own_journal(out: str) -> set[str]:
+    """Shard names an earlier, unfinished ingest into `out` recorded as its own (empty if none)."""
+    juri = storage.join(out, JOURNAL)
+    try:
+        j = json.loads(storage.read_bytes(juri).decode("utf-8"))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return set()
+    except (ValueError, UnicodeDecodeError):
+        j = None
+    if not (isinstance(j, dict) and _OWNER in str(j.get("created_by", "")) and isinstance(j.get("shards"), list)):
+        raise UserError(f"{juri}: not the journal `distill data ingest` writes; move it away and ingest again")
+    return {str(n) for n in j["shards"]}
 
 
 def ingest(source: str, out: str, fmt: str, val_fraction: float = 0.1, shard_size: int = 5000,
@@ -646,6 +901,7 @@ def ingest(source: str, out: str, fmt: str, val_fraction: float = 0.1, shard_siz
 
     Returns the manifest. If `out` already holds a complete dataset ingested with the same
     settings, nothing is written. Raises UserError for bad input (named file, what is wrong, fix).
+    Files in `out` that distill did not write are never removed or overwritten.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
@@ -660,56 +916,79 @@ def ingest(source: str, out: str, fmt: str, val_fraction: float = 0.1, shard_siz
     syn = synthetic_config(synthetic_overrides) if fmt == "synthetic" else None
     if fmt not in ("digits", "synthetic") and (not source or source == "-"):
         raise UserError(f"SOURCE is empty; --format {fmt} needs the path or URI of the raw data")
+    shard_size = int(shard_size)
     params = {"source": _normalise_source(source, fmt), "format": fmt, "val_fraction": float(val_fraction),
-              "shard_size": int(shard_size), "seed": int(seed),
+              "shard_size": shard_size, "seed": int(seed),
               "test_fraction": float(test_fraction) if fmt in ("digits", "folder") else None,
               "synthetic": syn.model_dump() if syn else None}
     muri = storage.join(out, MANIFEST)
-    existing = None
-    try:
-        existing = storage.read_json(muri)
-    except (FileNotFoundError, ValueError):
-        pass
-    if isinstance(existing, dict) and existing.get("ingest") == params and shards_present(out, existing):
-        _log(f"{out} already holds this dataset ({MANIFEST} matches, all shards present); nothing to do. "
-             f"Delete {muri} to ingest again")
+    existing = _own_manifest(out)
+    if existing is not None and existing.get("ingest") == params and shards_present(out, existing):
+        _log(f"{out} already holds this dataset ({MANIFEST} matches, all shards present); nothing to do")
         return existing
+    ours = _own_journal(out)
+    if existing is not None:
+        ours |= {s["path"] for info in existing["splits"].values() for s in info.get("shards", [])}
 
     t0 = time.perf_counter()
     raw = LOADERS[fmt](source, synthetic=syn)
-    splits = make_splits(raw, val_fraction, seed, test_fraction)
-    input_shape, dtype = _check_arrays(splits, len(raw.class_names), source or fmt)
+    plan = _plan(raw, float(val_fraction), int(seed), float(test_fraction), source or fmt)
+    counts = {s: int(plan.class_counts[s].sum()) for s in SPLITS}
+    for s in ("train", "test"):
+        if counts[s] == 0:
+            raise UserError(f"{source or fmt}: the {s} split is empty")
     _log(f"read {raw.name} ({fmt}) in {time.perf_counter() - t0:.1f}s: "
-         + ", ".join(f"{s} {len(splits[s][1])}" for s in splits))
+         + ", ".join(f"{s} {counts[s]}" for s in SPLITS))
 
+    planned = [shard_name(s, i) for s in SPLITS for i in range(-(-counts[s] // shard_size))]
+    present = _list_sizes(out)
+    foreign = [n for n in planned if n in present and n not in ours]
+    if foreign:
+        raise UserError(
+            f"{out}: holds {len(foreign)} shard file(s) that distill did not write (not listed in its "
+            f"{MANIFEST}), which this ingest would overwrite: {', '.join(foreign[:10])}"
+            f"{' ...' if len(foreign) > 10 else ''}. Ingest into another (new or empty) folder, or move "
+            "those files away"
+        )
+    storage.makedirs(out)
+    storage.write_json_atomic(storage.join(out, JOURNAL), {
+        "created_by": f"distill {_version()} ({_OWNER})",
+        "shards": sorted((ours & set(present)) | set(planned))})
     if existing is not None:  # a manifest must only ever describe complete shards
         storage.remove(muri)
     t1 = time.perf_counter()
-    entries, kept = _write_shards(out, splits, int(shard_size), progress)
+    total = len(planned)
+    with _Publisher(out, present, total, progress) as pub:
+        plan.write(pub, shard_size)
+    entries, kept = pub.entries, pub.kept
+    num_classes = len(raw.class_names)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": raw.name,
-        "num_classes": len(raw.class_names),
+        "num_classes": num_classes,
         "class_names": raw.class_names,
         "class_groups": raw.class_groups,
+        "encoding": raw.encoding,
         **raw.extra,
-        "input_shape": input_shape,
-        "dtype": dtype,
+        "input_shape": plan.input_shape,
+        "dtype": plan.dtype,
         "source_format": fmt,
         "splits": {
-            s: {"num_samples": int(len(splits[s][1])),
-                "class_counts": np.bincount(splits[s][1], minlength=len(raw.class_names)).tolist(),
+            s: {"num_samples": counts[s],
+                "class_counts": [int(v) for v in plan.class_counts[s]],
                 "shards": entries[s]}
-            for s in ("train", "val", "test")
+            for s in SPLITS
         },
         "ingest": params,
-        "created_by": f"distill {_version()} (pipeline.data.ingest)",
+        "created_by": f"distill {_version()} ({_OWNER})",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    for s in SPLITS:
+        assert sum(e["num_samples"] for e in entries[s]) == counts[s], (s, counts[s])
     storage.write_json_atomic(muri, manifest)
-    _remove_stale(out, manifest)
-    n_shards = sum(len(v) for v in entries.values())
-    _log(f"wrote {n_shards - kept} shard(s), kept {kept} already complete, in {time.perf_counter() - t1:.1f}s -> {out}")
+    _remove_stale(out, manifest, ours)
+    storage.remove(storage.join(out, JOURNAL))
+    _log(f"wrote {total - kept} shard(s), kept {kept} already complete, in {time.perf_counter() - t1:.1f}s -> {out}")
     return manifest
 
 
@@ -722,21 +1001,33 @@ def _version() -> str:
         return "dev"
 
 
-def _write_shards(out: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], shard_size: int,
-                  progress: bool) -> tuple[dict[str, list[dict]], int]:
-    """Encode and publish every shard; shards already present with the same bytes are kept."""
-    from concurrent.futures import ThreadPoolExecutor
+def _encode(x: Any, y: np.ndarray, keys: list[str]) -> bytes:
+    if isinstance(x, ImageBatch):
+        return encode_image_shard(x.blobs, x.exts, y, keys)
+    return encode_shard(x, y, keys)
 
-    from tqdm import tqdm
 
-    storage.makedirs(out)
-    sizes = _list_sizes(out)
-    plan = [(s, i) for s in ("train", "val", "test") for i in range(-(-len(splits[s][1]) // shard_size))]
-    entries: dict[str, list[dict]] = {s: [] for s in ("train", "val", "test")}
-    kept = 0
+class _Publisher:
+    """Publishes encoded shards in order, a few at once in threads (disk writes, S3 PUTs), with at
+    most `_IN_FLIGHT` shards held; keeps a shard already present with the same bytes (a resumed
+    ingest) and records each shard's manifest entry."""
 
-    def publish(uri: str, data: bytes, sha: str, name: str) -> bool:
-        if sizes.get(name) == len(data):
+    _IN_FLIGHT = 4
+
+    def __init__(self, out: str, present: dict[str, int], total: int, progress: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        self.out, self.present = out, present
+        self.entries: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self.kept = 0
+        self.pool = ThreadPoolExecutor(max_workers=self._IN_FLIGHT, thread_name_prefix="distill-put")
+        self.pending: collections.deque = collections.deque()
+        self.bar = tqdm(total=total, desc="ingest", unit="shard", file=sys.stderr, disable=not progress)
+
+    def _put(self, uri: str, name: str, data: bytes, sha: str) -> bool:
+        if self.present.get(name) == len(data):
             try:
                 if storage.sha256_file(uri) == sha:
                     return False
@@ -745,34 +1036,145 @@ def _write_shards(out: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], sh
         storage.write_bytes_atomic(uri, data)
         return True
 
-    bar = tqdm(total=len(plan), desc="ingest", unit="shard", file=sys.stderr, disable=not progress)
-    # Encoding is CPU work in this thread; publishing (disk, S3 PUTs) overlaps in a few threads,
-    # with at most 4 shards in flight to bound memory.
-    with bar, ThreadPoolExecutor(max_workers=4, thread_name_prefix="distill-put") as pool:
-        pending = []
-        for split, i in plan:
-            x, y = splits[split]
-            lo, hi = i * shard_size, min((i + 1) * shard_size, len(y))
-            data = encode_shard(x[lo:hi], y[lo:hi], [sample_key(split, j) for j in range(lo, hi)])
-            name = shard_name(split, i)
-            sha = storage.sha256_bytes(data)
-            entries[split].append({"path": name, "num_samples": hi - lo, "sha256": sha, "size": len(data)})
-            pending.append(pool.submit(publish, storage.join(out, name), data, sha, name))
-            while len(pending) >= 4 or (pending and pending[0].done()):
-                kept += 0 if pending.pop(0).result() else 1
-                bar.update(1)
-        for fut in pending:
-            kept += 0 if fut.result() else 1
-            bar.update(1)
-    return entries, kept
+    def _settle(self, fut) -> None:
+        self.kept += 0 if fut.result() else 1
+        self.bar.update(1)
+
+    def submit(self, split: str, x: Any, y: np.ndarray) -> None:
+        """Encode and publish the next shard of `split` (samples keyed from the split's running count)."""
+        entries = self.entries[split]
+        start = sum(e["num_samples"] for e in entries)
+        data = _encode(x, y, [sample_key(split, j) for j in range(start, start + len(y))])
+        name = shard_name(split, len(entries))
+        sha = storage.sha256_bytes(data)
+        entries.append({"path": name, "num_samples": int(len(y)), "sha256": sha, "size": len(data)})
+        self.pending.append(self.pool.submit(self._put, storage.join(self.out, name), name, data, sha))
+        while len(self.pending) >= self._IN_FLIGHT or (self.pending and self.pending[0].done()):
+            self._settle(self.pending.popleft())
+
+    def __enter__(self) -> "_Publisher":
+        return self
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                while self.pending:
+                    self._settle(self.pending.popleft())
+        finally:
+            for fut in self.pending:
+                fut.cancel()
+            self.pool.shutdown(wait=True)
+            self.bar.close()
 
 
-def _remove_stale(out: str, manifest: dict) -> None:
-    """Delete shard files of an earlier, different dataset in `out` and temp files of a crashed write."""
+class _Sink:
+    """Fills the shards of one split from blocks of any size: a shard is encoded and published as
+    soon as it is full, so at most one shard's worth of samples waits here."""
+
+    def __init__(self, pub: _Publisher, split: str, shard_size: int):
+        self.pub, self.split, self.size = pub, split, shard_size
+        self.xs: list[np.ndarray] = []
+        self.ys: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        if len(y):
+            self.xs.append(x)
+            self.ys.append(y)
+            self.n += len(y)
+        while self.n >= self.size:
+            self._flush(self.size)
+
+    def _flush(self, n: int) -> None:
+        x, y = np.concatenate(self.xs), np.concatenate(self.ys)
+        self.pub.submit(self.split, x[:n], y[:n])
+        self.xs, self.ys = ([x[n:]], [y[n:]]) if len(y) > n else ([], [])
+        self.n = len(y) - n
+
+    def close(self) -> None:
+        if self.n:
+            self._flush(self.n)
+
+
+@dataclass
+class _Plan:
+    """What will be written: per split its class counts, and how to produce its shards in order."""
+
+    input_shape: list[int]
+    dtype: str
+    class_counts: dict[str, np.ndarray]
+    write: Callable[[_Publisher, int], None]
+
+
+def _plan(raw: RawData, val_fraction: float, seed: int, test_fraction: float, where: str) -> _Plan:
+    C = len(raw.class_names)
+    if raw.stream is not None:
+        return _stream_plan(raw, val_fraction, seed)
+    for s, (_, y) in raw.splits.items():
+        _check_labels(y, C, f"{where} ({s} split)")
+    if raw.fetch is None:
+        input_shape, dtype = _check_arrays(raw, where)
+    else:
+        input_shape, dtype = list(raw.input_shape), raw.dtype
+    parts = split_indices({s: y for s, (_, y) in raw.splits.items()}, val_fraction, seed, test_fraction)
+    class_counts = {s: np.bincount(raw.splits[src][1][idx], minlength=C) for s, (src, idx) in parts.items()}
+
+    def write(pub: _Publisher, shard_size: int) -> None:
+        jobs = [(s, lo) for s in SPLITS for lo in range(0, len(parts[s][1]), shard_size)]
+
+        def produce(job: tuple[str, int]) -> tuple[Any, np.ndarray]:
+            s, lo = job
+            src, idx = parts[s]
+            chunk = idx[lo:lo + shard_size]
+            x_src, y_src = raw.splits[src]
+            return (raw.fetch(x_src[chunk]) if raw.fetch is not None else x_src[chunk]), y_src[chunk]
+
+        # The next shard is read (files, S3) while this one is encoded and published.
+        for (s, _), fut in prefetch(produce, jobs, workers=2, window=2):
+            x, y = fut.result()
+            pub.submit(s, x, y)
+
+    return _Plan(input_shape, dtype, class_counts, write)
+
+
+def _stream_plan(raw: RawData, val_fraction: float, seed: int) -> _Plan:
+    """A generated source (synthetic): a first pass over labels counts the classes, then one pass
+    generates the blocks and carves val from train on the fly (StreamingCarve)."""
+    gen, C = raw.stream, len(raw.class_names)
+    pool = np.zeros(C, dtype=np.int64)
+    for y in gen.labels("train"):
+        pool += np.bincount(y, minlength=C)
+    test_counts = np.zeros(C, dtype=np.int64)
+    for y in gen.labels("test"):
+        test_counts += np.bincount(y, minlength=C)
+    carve_counts = StreamingCarve(pool, val_fraction, seed).targets
+    class_counts = {"train": pool - carve_counts, "val": carve_counts, "test": test_counts}
+
+    def write(pub: _Publisher, shard_size: int) -> None:
+        carve = StreamingCarve(pool, val_fraction, seed)
+        # Train and val shards fill side by side from one pass over the generated train pool; the
+        # manifest lists each split's shards in order, so interleaved publishing is harmless.
+        train, val = _Sink(pub, "train", shard_size), _Sink(pub, "val", shard_size)
+        for x, y in gen.blocks("train"):
+            taken = carve(y)
+            train.add(x[~taken], y[~taken])
+            val.add(x[taken], y[taken])
+        train.close()
+        val.close()
+        test = _Sink(pub, "test", shard_size)
+        for x, y in gen.blocks("test"):
+            test.add(x, y)
+        test.close()
+
+    return _Plan(list(raw.input_shape), raw.dtype, class_counts, write)
+
+
+def _remove_stale(out: str, manifest: dict, ours: set[str]) -> None:
+    """Delete this project's own shards that the new manifest no longer lists (from the previous
+    manifest or an unfinished ingest's journal) and temp files of a crashed write. Any other file,
+    even one named like a shard, is left alone."""
     keep = {s["path"] for info in manifest["splits"].values() for s in info["shards"]}
     for name in storage.listdir(out):
-        m = SHARD_RE.match(name)
-        stale = m is not None and name not in keep
-        tmp = name.startswith(".tmp-") and (name.endswith(".tar") or name.endswith(MANIFEST))
-        if stale or tmp:
+        stale = name in ours and name not in keep and SHARD_RE.match(name) is not None
+        if stale or _TMP_RE.match(name):
             storage.remove(storage.join(out, name))

@@ -2,11 +2,14 @@
 
 A dataset folder (local path or `s3://` prefix) holds
 
-    {split}-{index:06d}.tar   one WebDataset shard; per sample two members:
-                              `{key}.input.npy` (np.save bytes, never pickled) and `{key}.cls` (ASCII int);
-                              keys are `{split}_{index:08d}`, stable per sample
-    manifest.json             written last: classes, input shape/dtype, per split the shards with
-                              their sample counts, byte sizes and sha256
+    {split}-{index:06d}.tar   one WebDataset shard; per sample two members: `{key}.cls` (ASCII int)
+                              and the input, either `{key}.input.npy` (np.save bytes, never pickled;
+                              manifest `"encoding": "npy"`, also when the key is absent) or the
+                              image file's own encoded bytes `{key}.jpg` / `.png` / `.webp`
+                              (`"encoding": "image"`, WebDataset's convention); keys are
+                              `{split}_{index:08d}`, stable per sample
+    manifest.json             written last: classes, input shape/dtype, encoding, per split the
+                              shards with their sample counts, byte sizes and sha256
 
 Shards are plain tars, so `webdataset.WebDataset` (or `tar tf`) reads them; this module also decodes a
 whole shard at once: the npy header is parsed once and every payload is sliced out of the tar bytes
@@ -39,6 +42,8 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 INPUT_EXT = "input.npy"
 LABEL_EXT = "cls"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ENCODINGS = ("npy", "image")
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9]+)-(?P<index>\d{6})\.tar$")
 DTYPES = ("uint8", "float32")
 
@@ -53,6 +58,12 @@ def shard_name(split: str, index: int) -> str:
 
 def sample_key(split: str, index: int) -> str:
     return f"{split}_{index:08d}"
+
+
+def encoding_of(manifest: dict) -> str:
+    """How a dataset stores its inputs: "npy" (also for manifests from before the key existed) or
+    "image" (encoded JPEG/PNG/WebP bytes, decoded at training time by `pipeline.transforms`)."""
+    return str(manifest.get("encoding") or "npy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +89,27 @@ def encode_shard_tarfile(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[
     return buf.getvalue()
 
 
+def encode_image_shard(blobs: Sequence[bytes], exts: Sequence[str], y: Optional[np.ndarray],
+                       keys: Sequence[str]) -> bytes:
+    """Tar bytes holding encoded images: per sample `{key}.cls` then `{key}.{ext}` with the image
+    file's own bytes (ext one of IMAGE_EXTS). Same input, same bytes."""
+    n = len(blobs)
+    if len(keys) != n or len(exts) != n or (y is not None and len(y) != n):
+        raise ValueError(f"encode_image_shard: {n} images, {len(exts)} extensions, {len(keys)} keys, "
+                         f"{None if y is None else len(y)} labels")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(n):
+            if exts[i] not in IMAGE_EXTS:
+                raise ValueError(f"encode_image_shard: extension {exts[i]!r} is not one of {IMAGE_EXTS}")
+            if y is not None:
+                if int(y[i]) < 0:
+                    raise ValueError("encode_image_shard: labels must be non-negative integers")
+                _add_member(tf, f"{keys[i]}.{LABEL_EXT}", str(int(y[i])).encode("ascii"))
+            _add_member(tf, f"{keys[i]}.{exts[i]}", bytes(blobs[i]))
+    return buf.getvalue()
+
+
 def _encode_shard_arrays(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[str]) -> Optional[bytes]:
     """The same bytes as `encode_shard_tarfile`, assembled with array operations (every sample has
     the same layout); None when keys differ in length or are too long for a ustar name."""
@@ -98,7 +130,10 @@ def _encode_shard_arrays(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[
     in_off = period
     slots.append((in_off, b"." + INPUT_EXT.encode(), np.full(n, payload, dtype=np.int64)))
     period += _BLOCK + _padded(payload)
-    rec = np.zeros((n, period), dtype=np.uint8)
+    body = n * period + 2 * _BLOCK
+    # One buffer for the records and the end-of-archive padding, so the result is one copy of it.
+    buf = np.zeros(body + 2 * _BLOCK + (-body) % tarfile.RECORDSIZE - 2 * _BLOCK, dtype=np.uint8)
+    rec = buf[:n * period].reshape(n, period)
     for off, suffix, sizes in slots:
         names = np.concatenate([keys_arr, np.broadcast_to(np.frombuffer(suffix, dtype=np.uint8), (n, len(suffix)))], axis=1)
         rec[:, off:off + _BLOCK] = _headers(names, sizes)
@@ -107,9 +142,7 @@ def _encode_shard_arrays(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[
     start = in_off + _BLOCK
     rec[:, start:start + len(npy)] = npy
     rec[:, start + len(npy):start + payload] = np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
-    body = n * period + 2 * _BLOCK
-    record = tarfile.RECORDSIZE
-    return rec.tobytes() + bytes(2 * _BLOCK + (-body) % record)
+    return buf.tobytes()
 
 
 def encode_shard(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[str]) -> bytes:
@@ -318,7 +351,10 @@ def _decode_inputs(data: bytes, offsets: np.ndarray, sizes: np.ndarray, name: st
 
 
 def decode_shard(data: bytes, name: str = "shard") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(x (N, ...), y (N,) int64 or -1 where unlabelled, keys) from the bytes of one shard."""
+    """(x, y (N,) int64 or -1 where unlabelled, keys) from the bytes of one shard.
+
+    x is the (N, ...) input array of an npy shard, or for a shard of encoded images a 1-D object
+    array of N `bytes` (each image file's own bytes; `pipeline.transforms` decodes them)."""
     fast = _fast_index(data)
     if fast is not None:
         keys, offsets, size, labels = fast
@@ -328,22 +364,32 @@ def decode_shard(data: bytes, name: str = "shard") -> tuple[np.ndarray, np.ndarr
     inputs: dict[str, tuple[int, int]] = {}
     labels_at: dict[str, tuple[int, int]] = {}
     order: list[str] = []
+    kinds = set()
     for mname, off, size in _index_tar(data, name):
         key, ext = _split_member(mname)
-        if ext == INPUT_EXT:
+        if ext == INPUT_EXT or ext.lower() in IMAGE_EXTS:
             if key in inputs:
                 raise ShardError(f"{name}: key {key} appears twice")
+            kinds.add("npy" if ext == INPUT_EXT else "image")
             inputs[key] = (off, size)
             order.append(key)
         elif ext == LABEL_EXT:
             labels_at[key] = (off, size)
         # other members (future extensions) are ignored, as WebDataset would
+    if len(kinds) > 1:
+        raise ShardError(f"{name}: mixes .{INPUT_EXT} inputs with encoded images; a shard holds one kind")
     orphans = set(labels_at) - set(inputs)
     if orphans:
         raise ShardError(f"{name}: {len(orphans)} label(s) without input, e.g. {sorted(orphans)[0]}")
-    offsets = np.array([inputs[k][0] for k in order], dtype=np.int64)
-    sizes = np.array([inputs[k][1] for k in order], dtype=np.int64)
-    x = _decode_inputs(data, offsets, sizes, name)
+    if kinds == {"image"}:
+        x = np.empty(len(order), dtype=object)
+        for i, k in enumerate(order):
+            o, sz = inputs[k]
+            x[i] = data[o:o + sz]
+    else:
+        offsets = np.array([inputs[k][0] for k in order], dtype=np.int64)
+        sizes = np.array([inputs[k][1] for k in order], dtype=np.int64)
+        x = _decode_inputs(data, offsets, sizes, name)
     y = np.full(len(order), -1, dtype=np.int64)
     if labels_at:
         if len(labels_at) != len(order):
@@ -397,6 +443,8 @@ def _check_manifest(m: Any, where: str) -> None:
         problems.append("'splits' is not an object")
     if m.get("dtype") not in (None, *DTYPES):
         problems.append(f"dtype {m.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    if m.get("encoding") not in (None, *ENCODINGS):
+        problems.append(f"encoding {m.get('encoding')!r} is not one of {', '.join(ENCODINGS)}")
     if problems:
         raise UserError(f"{where}: invalid dataset manifest: {'; '.join(problems)}. "
                         "Re-run `distill data ingest` into this folder to rebuild it")
@@ -483,6 +531,8 @@ def load_split(uri: str, split: str, shard_indices: Optional[Sequence[int]] = No
         ys.append(y)
         keys.extend(k)
     if not xs:
+        if encoding_of(m) == "image":
+            return np.empty(0, dtype=object), np.zeros((0,), dtype=np.int64), []
         shape = tuple(m["input_shape"])
         return np.zeros((0,) + shape, dtype=m["dtype"]), np.zeros((0,), dtype=np.int64), []
     return np.concatenate(xs), np.concatenate(ys), keys
@@ -508,16 +558,24 @@ def _check_shard(data: bytes, entry: dict, split: str, m: dict, seen: set) -> tu
     n = len(keys)
     if n != entry["num_samples"]:
         problems.append(f"{n} samples, manifest says {entry['num_samples']}")
-    shape = tuple(m["input_shape"])
-    if n and x.shape[1:] != shape:
-        problems.append(f"input shape {x.shape[1:]}, manifest says {shape}")
-    if n and str(x.dtype) != m["dtype"]:
-        problems.append(f"dtype {x.dtype}, manifest says {m['dtype']}")
+    if encoding_of(m) == "image":
+        if n and x.dtype != object:
+            problems.append("holds .npy inputs but the manifest says encoding 'image'")
+        else:
+            problems.extend(_check_images(x, keys))
+    else:
+        shape = tuple(m["input_shape"])
+        if n and x.dtype == object:
+            problems.append("holds encoded images but the manifest says encoding 'npy'")
+        elif n and x.shape[1:] != shape:
+            problems.append(f"input shape {x.shape[1:]}, manifest says {shape}")
+        elif n and str(x.dtype) != m["dtype"]:
+            problems.append(f"dtype {x.dtype}, manifest says {m['dtype']}")
+        elif n and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            problems.append("non-finite input values")
     if n and (int(y.max()) >= int(m["num_classes"]) or int(y.min()) < -1):
         bad = int(y.max()) if int(y.max()) >= int(m["num_classes"]) else int(y.min())
         problems.append(f"label {bad} out of range for {m['num_classes']} classes")
-    if n and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-        problems.append("non-finite input values")
     bad_keys = [k for k in keys if not k.startswith(f"{split}_")]
     if bad_keys:
         problems.append(f"key {bad_keys[0]} does not belong to split '{split}'")
@@ -526,6 +584,24 @@ def _check_shard(data: bytes, entry: dict, split: str, m: dict, seen: set) -> tu
         problems.append(f"{len(dup)} sample key(s) also in another shard, e.g. {sorted(dup)[0]}")
     seen.update(keys)
     return problems, n
+
+
+def _check_images(blobs: np.ndarray, keys: list[str]) -> list[str]:
+    """Every encoded image decodes with Pillow (fully: a truncated JPEG opens but fails to load)."""
+    from PIL import Image
+
+    bad = []
+    for key, blob in zip(keys, blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for damaged data
+            bad.append(f"{key}: {type(e).__name__}: {e}")
+    if not bad:
+        return []
+    return [f"{len(bad)} image(s) not decodable, e.g. {bad[0]}"]
 
 
 def verify_dataset(uri: str, progress: bool = True) -> dict:
