@@ -525,6 +525,8 @@ def load_folder(source: str, **_: Any) -> RawData:
         try:
             return i, _probe_image(fs, paths[i]), None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
+            if type(e).__name__ == "UnidentifiedImageError":
+                return i, None, "not an image format Pillow can identify (empty, damaged header, or not an image)"
             return i, None, f"{type(e).__name__}: {e}"
 
     with tqdm(total=n, desc="check images", unit="img", file=sys.stderr, disable=n < 2000) as bar:
