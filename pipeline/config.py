@@ -130,6 +130,50 @@ class ModelConfig(_Section):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class AugmentConfig(_Section):
+    """Decode and augmentation of image inputs (`pipeline.transforms`), per stage.
+
+    Train view: random-resized crop (when `random_resized_crop` is set, else resize + centre
+    crop) and horizontal flip; every other view (validation, test, clustering, targets,
+    inference) resizes the shorter side to `resize` and centre-crops `size`, deterministically.
+    Per-sample randomness is seeded from (seed, sample key, epoch). `mean`/`std` normalise on the
+    device after the uint8 batch is copied there.
+    """
+
+    size: Optional[list[Int]] = Field(
+        None, description="Output [H, W] (or [S] for square); unset: the dataset's nominal size (manifest input_shape)."
+    )
+    resize: Optional[Int] = Field(
+        None, ge=1, description="Evaluation view: shorter side resized to this before the centre crop (e.g. 256 "
+        "for a 224 crop); unset: just large enough for the crop."
+    )
+    random_resized_crop: Optional[list[float]] = Field(
+        None, description="Train view: random-resized crop with this area scale range, e.g. [0.08, 1.0]; unset: none."
+    )
+    ratio: list[float] = Field(default_factory=lambda: [3 / 4, 4 / 3], description="Aspect-ratio range of the crop.")
+    hflip: bool = Field(False, description="Train view: flip horizontally with probability 0.5.")
+    mean: Optional[list[float]] = Field(None, description="Per-channel mean in 0..1 units; unset: 0.5 (inputs in [-1, 1]).")
+    std: Optional[list[float]] = Field(None, description="Per-channel std in 0..1 units; unset: 0.5.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        problems = []
+        if self.size is not None and (len(self.size) not in (1, 2) or min(self.size) < 1):
+            problems.append(f"augment.size: {self.size} must be [H, W] or [S] with positive sizes")
+        rrc = self.random_resized_crop
+        if rrc is not None and (len(rrc) != 2 or not 0 < rrc[0] <= rrc[1] <= 1):
+            problems.append(f"augment.random_resized_crop: {rrc} must be [min, max] with 0 < min <= max <= 1")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            problems.append(f"augment.ratio: {self.ratio} must be [min, max] with 0 < min <= max")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            problems.append(f"augment.std: {self.std} must be positive")
+        if (self.mean is None) != (self.std is None) or (self.mean and len(self.mean) != len(self.std)):
+            problems.append("augment.mean / augment.std: give both, with one value per channel")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class TrainConfig(_Section):
     """Optimisation settings shared by teacher, specialists and student."""
 
@@ -145,6 +189,10 @@ class TrainConfig(_Section):
         None, gt=0, description="Max-norm constraint on each unit's incoming weights (the paper's MNIST teacher)."
     )
     jitter: Int = Field(0, ge=0, description="Random translation of images by up to this many pixels.")
+    augment: Optional[AugmentConfig] = Field(
+        None, description="Image decode/augmentation (pipeline.transforms); unset: images are only decoded "
+        "and brought to the dataset's nominal size, stored pixels pass through."
+    )
     patience: Optional[Int] = Field(
         None, ge=1, description="Early stopping: stop after this many epochs without val improvement."
     )
