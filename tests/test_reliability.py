@@ -325,3 +325,196 @@ def test_submit_names_the_likely_cause_of_a_vanished_working_dir():
     hint = vanished_working_dir_hint(log)
     assert hint and "--temp-dir" in hint and "cluster/README.md" in hint
     assert vanished_working_dir_hint("ValueError: something else\n") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Slow: small Ray jobs
+
+TINY_RUN = """\
+seed: 0
+data:
+  format: synthetic
+  shard_size: 200
+  synthetic: {num_classes: 6, num_groups: 2, train: 800, test: 200, dim: 16}
+teacher:
+  model: {arch: mlp, hidden: [32]}
+  epochs: 2
+  num_workers: 1
+cluster: {num_specialists: 2}
+specialists: {epochs: 1, cpus_per_specialist: 1, max_concurrent: 1}
+targets: {format: parquet}
+student:
+  model: {arch: mlp, hidden: [16]}
+  epochs: 2
+tune: {T: [2.0], alpha: [0.5], epochs: 1, scheduler: fifo, max_concurrent: 1}
+ray: {num_cpus: 2, object_store_memory_mb: 150}
+"""
+
+
+def _ray_tmpdir() -> str:
+    # Ray's socket paths must stay under 107 characters: a short folder of its own under /tmp.
+    return tempfile.mkdtemp(prefix="rr", dir="/tmp")
+
+
+def _cli_env(ray_tmpdir: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_TMPDIR=ray_tmpdir, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds `marker` (what every process a run's Ray
+    starts inherits: raylet, GCS, dashboard, agents, workers)."""
+    pids = []
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read():
+                    with open(f"/proc/{entry}/stat") as s:
+                        if s.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_stale_ray_current_cluster_does_not_break_a_local_run():
+    """A killed `ray start` leaves {RAY_TMPDIR}/ray/ray_current_cluster naming a dead cluster; a
+    local run must start its own Ray anyway (a plain ray.init() tried to join it). Not marked slow:
+    one 1-CPU local Ray, ~20 s."""
+    tmp = _ray_tmpdir()
+    try:
+        os.makedirs(os.path.join(tmp, "ray"))
+        with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:1\n")
+        code = ("from pipeline.config import Config\n"
+                "from pipeline.raysetup import ensure_ray\n"
+                "ensure_ray(Config.model_validate({'ray': {'num_cpus': 1, 'object_store_memory_mb': 100}}))\n"
+                "import ray\n"
+                "print('answer', ray.get(ray.remote(lambda: 6 * 7).remote()), flush=True)\n")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_cli_env(tmp), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0 and "answer 42" in r.stdout, r.stderr[-3000:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_no_credential_in_any_file_ray_writes_during_an_s3_run(s3_bucket, tmp_path):
+    """The whole pipeline (Ray Train, two Ray Tune stages, Ray Data) on S3 with the test
+    credentials in the environment: every file under the run's Ray temp dir is free of them, and
+    the Tune trials still read and write S3 (they inherit the driver's environment)."""
+    cfg = _yaml(tmp_path, TINY_RUN)
+    out = f"{s3_bucket}/run"
+    tmp = _ray_tmpdir()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", cfg, f"output_dir={out}"], cwd=ROOT,
+                           env=_cli_env(tmp), capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert storage.exists(storage.join(out, "report.md"))
+        assert storage.exists(storage.join(out, "specialists", "_stage.json"))
+        assert storage.exists(storage.join(out, "tune", "_stage.json"))
+        files = 0
+        for folder, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(folder, name)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                files += 1
+                with open(path, "rb") as f:
+                    data = f.read()
+                assert TEST_SECRET_KEY.encode() not in data, path
+                assert TEST_ACCESS_KEY.encode() not in data, path
+        assert files > 20  # the session's logs really were searched
+        assert any("runtime_env_agent" in n for _, _, ns in os.walk(tmp) for n in ns)
+        for text in (r.stdout, r.stderr):
+            assert TEST_SECRET_KEY not in text and TEST_ACCESS_KEY not in text
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_ray_train_says_interrupted_exits_130_and_leaves_no_ray_process(tmp_path):
+    cfg = _yaml(tmp_path, TINY_RUN)
+    tmp = _ray_tmpdir()
+    env = _cli_env(tmp, DISTILL_FAULT_INJECT=json.dumps({"epoch_sleep": 1.0}))
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", cfg, f"output_dir={tmp_path / 'run'}",
+                          "teacher.epochs=200"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "[teacher] epoch 1/200" in line:
+                break
+        assert any("[teacher] epoch 1/200" in x for x in lines), "".join(lines)[-3000:]
+        assert _processes_with(f"RAY_TMPDIR={tmp}")  # Ray is up
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        rest, _ = p.communicate(timeout=120)
+        text = "".join(lines) + rest
+        assert p.returncode == 130, text[-3000:]
+        assert "distill: interrupted" in text, text[-3000:]
+        # No traceback of distill's own (Ray's actors, which get the terminal's SIGINT too, may log
+        # theirs, prefixed with their name and pid).
+        assert not [x for x in text.splitlines() if x.startswith("Traceback")], text[-3000:]
+        deadline = time.time() + 60
+        while _processes_with(f"RAY_TMPDIR={tmp}") and time.time() < deadline:
+            time.sleep(1)
+        assert not _processes_with(f"RAY_TMPDIR={tmp}")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for pid in _processes_with(f"RAY_TMPDIR={tmp}"):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _teacher_snapshot(out: str) -> tuple[str, dict]:
+    from pipeline.stages import teacher
+
+    ray_dir = os.path.join(out, "teacher", "ray")
+    (name,) = [n for n in os.listdir(ray_dir) if n.startswith(teacher.RUN_PREFIX)]
+    with open(os.path.join(ray_dir, name, "checkpoint_manager_snapshot.json")) as f:
+        return os.path.join(ray_dir, name), json.load(f)
+
+
+@pytest.mark.slow
+def test_stage_teacher_force_retrains_and_an_unloadable_checkpoint_is_named(tmp_path, tiny_synthetic, ray_local,
+                                                                            capsys):
+    out = str(tmp_path / "run")
+    cfg = _yaml(tmp_path, f"""\
+output_dir: {out}
+data: {{format: synthetic, uri: {tiny_synthetic}}}
+teacher: {{model: {{arch: mlp, hidden: [32]}}, epochs: 2, batch_size: 64, num_workers: 1, max_failures: 0}}
+""")
+    code, _, err = run_cli(["stage", "teacher", cfg], capsys)
+    assert code == 0, err[-3000:]
+    run, snap = _teacher_snapshot(out)
+    first = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    code, _, err = run_cli(["stage", "teacher", cfg, "--force"], capsys)
+    assert code == 0, err[-3000:]
+    assert "up to date" not in err and "removing the checkpoints it would resume from" in err
+    run, snap = _teacher_snapshot(out)
+    latest = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    assert latest != first  # trained again, not "run already complete"
+    with open(os.path.join(out, "teacher", "metrics.json")) as f:
+        m = json.load(f)
+    assert m["starts"] == [0] and m["epochs_run"] == 2
+
+    # A damaged latest checkpoint under a run that would resume from it (stage marker gone, as
+    # after an interrupted run): exit 2 naming the file, not max_failures retries and exit 1.
+    weights = os.path.join(run, latest, "model.pt")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[: len(data) // 2])
+    os.remove(os.path.join(out, "teacher", runner.MARKER))
+    _expect_2(capsys, ["stage", "teacher", cfg], f"{weights}: the latest checkpoint of this stage cannot be loaded",
+              f"delete {run}", "--force")
