@@ -1,37 +1,47 @@
-"""Stage `student`: the distilled student and its hard-label baseline, trained with Ray Train.
+"""Stage `student`: three students of one architecture and budget, trained with Ray Train.
 
-What distillation bought is only visible beside a control, so the stage trains two students of the
-same architecture with the same budget (epochs, batch size, optimizer, schedule, early stopping on
-val) and evaluates both on test:
+What distillation bought is only visible beside controls, so the stage trains three students with the
+same architecture and budget (epochs, batch size, optimizer, schedule, early stopping on val) and
+evaluates each on test (docs/method.md, "Three students"):
 
-* baseline   hard labels of the `train` split only (cross-entropy);
-* distilled  the KD loss of Hinton et al. (2015) on the transfer set,
-             alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1), with p the teacher's targets:
-             `student.target` picks the ensemble's log-probabilities or the generalist's logits.
-             T, alpha (and lr) come from `tune/best.json` when the tune stage ran and
-             `student.use_tuned` is set, else from `student.T` / `student.alpha`.
+* baseline              hard labels of the `train` split only (cross-entropy): what distillation bought;
+* distilled_generalist  the KD loss against the generalist's cached logits: the single-teacher
+                        distillation of the paper's section 3;
+* distilled             the KD loss against the generalist + specialists ensemble's cached
+                        log-probabilities: beside distilled_generalist, what the specialists bought
+                        once distilled back into one net (the question the paper left open).
+
+The KD loss is alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1) (`pipeline.losses.kd_loss`),
+with the teacher's softmax at T computed per batch on the device. T, alpha (and lr) come from
+`tune/best.json` when the tune stage ran and `student.use_tuned` is set, else from `student.T` /
+`student.alpha`; tune searches them for the student of `student.target` (default: the ensemble), and
+both distilled students use the same values, so they differ only in their teacher.
 
 Where the teacher's targets come from (`student.mode`):
-* cached  (default) each Ray Train worker reads its shards of the soft-target cache joined with the
-          inputs (`pipeline.cache.load_joined`); the teacher never runs;
+* cached  (default) each Ray Train worker streams its shards of the soft-target cache joined with the
+          inputs (`pipeline.datasets.cache_items`, keys checked, sha256 verified while read);
+          the teacher never runs;
 * online  the teacher ensemble (`pipeline.teacher_ensemble`) runs on every batch; for comparison,
           and for runs without a cache. Both give the same loss on the same batch (tested).
 
-Both students run through `pipeline.ray_train` (the teacher's launcher and per-worker loop, with
-checkpoint/resume and `student.num_workers` data-parallel workers); only what a worker loads and
-what it minimises differ, passed as `load_train` / `make_loss`. The tune stage trains the same
-student with the same batching and loss in-process (`train_student`), one Tune trial per (T, alpha).
+All three run on the training core through `pipeline.ray_train` (the teacher's launcher and
+per-worker loop, with checkpoint/resume and `student.num_workers` data-parallel workers, each
+streaming its own shards through Ray Data); only what a worker reads and what it minimises differ.
+The tune stage trains the same student with the same core, data path and loss in its trials
+(`train_in_process`).
 
 A student whose inputs did not change is not trained again: its checkpoint's model.json records the
 fingerprint of what it was trained from and its test metrics. So changing T or alpha (or rerunning
-tune) retrains only the distilled student; the baseline is reused.
+tune) retrains only the distilled students; the baseline is reused.
 
 Writes under `student/`:
-    baseline/, distilled/  checkpoints (`pipeline.models.save_checkpoint`; extra: fingerprint, metrics)
+    baseline/, distilled_generalist/, distilled/   checkpoints (`pipeline.models.save_checkpoint`;
+                           extra: fingerprint, metrics)
     export/                the distilled student as state dict, TorchScript, torch.export and ONNX
                            (`pipeline.export`)
     metrics.json           {"baseline": {test_error, test_errors, params, ...},
-                            "distilled": {test_error, test_errors, params, T, alpha, lr, target, mode, ...},
+                            "distilled_generalist": {...}, "distilled": {test_error, test_errors,
+                            params, T, alpha, lr, target, mode, ...}, "specialists_gain",
                             "teacher": {...}, "latency_ms_per_batch": {"student": ms, "generalist": ms,
                             "ensemble": ms, ...}, "latency": {...details}, "export": {...}}
     ray/                   Ray Train runs (resumed when the stage is rerun with the same config)
@@ -83,7 +93,7 @@ def fingerprint(cfg: Config) -> str:
     if _tune_applies(cfg):
         upstream.append(marker_fingerprint(cfg, "tune"))
     # Worker count and restarts change how, not what, it trains; they stay out.
-    return section_fingerprint("student-v1", learning_slice(cfg), s.T, s.alpha, s.mode, s.use_tuned,
+    return section_fingerprint("student-v2", learning_slice(cfg), s.T, s.alpha, s.mode, s.use_tuned,
                                cfg.tune.enabled, cfg.seed, upstream)
 
 
@@ -92,8 +102,13 @@ def baseline_fingerprint(cfg: Config) -> str:
     from pipeline.runner import marker_fingerprint
 
     s = cfg.student
-    return section_fingerprint("baseline-v1", s.model.spec(), s.train_dict(), cfg.seed,
+    return section_fingerprint("baseline-v2", s.model.spec(), s.train_dict(), cfg.seed,
                                marker_fingerprint(cfg, "data"))
+
+
+def distilled_fingerprint(cfg: Config, which: str) -> str:
+    """A distilled student's run: the stage's inputs and which teacher it learns from."""
+    return section_fingerprint(fingerprint(cfg), TARGET_OF[which])
 
 
 def hyperparameters(cfg: Config) -> dict:
@@ -114,6 +129,10 @@ def hyperparameters(cfg: Config) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # The job: plain, picklable settings every worker or trial needs
+
+STUDENTS = ("baseline", "distilled_generalist", "distilled")
+# What each distilled student learns from (cached target field).
+TARGET_OF = {"distilled": "ensemble", "distilled_generalist": "generalist"}
 
 
 def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[dict] = None) -> dict:
@@ -138,6 +157,7 @@ def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[di
         "seed": int(cfg.seed),
         "cpus": s.cpus_per_worker,
         "gpus": 1 if s.use_gpu else 0,
+        "loader": cfg.data.loader.model_dump(),
     }
 
 
@@ -145,41 +165,15 @@ def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[di
 # Data and losses (used by Ray Train workers, Tune trials, tests and bench)
 
 
-def load_transfer(job: dict, with_targets: bool, shard_indices: Optional[list[int]] = None) -> dict:
-    """Training arrays: {"x", "y" (if labelled), targets...}.
+def train_entries(job: dict, kind: str, target: Optional[str] = None) -> list[dict]:
+    """What a student streams (`pipeline.datasets`): the cache joined with its inputs (cached
+    distillation), or the dataset's shards (hard labels: train; online distillation: the transfer set)."""
+    from pipeline import datasets
 
-    with_targets: the transfer set joined with its cached targets ("teacher" (N, C), or the top-k
-    fields "teacher_topk_idx" / "teacher_topk_val" / "teacher_tail"); otherwise the transfer split's
-    inputs and labels only (online distillation computes targets per batch).
-    """
-    from pipeline import cache
-    from pipeline.data import shards
-
-    if with_targets:
-        j = cache.load_joined(job["cache_uri"], which=job["target"], shard_indices=shard_indices,
-                              data_uri=job["data_uri"])
-        out = {k: j[k] for k in ("x", "teacher", "teacher_topk_idx", "teacher_topk_val", "teacher_tail") if k in j}
-        if j.get("y") is not None:
-            out["y"] = np.asarray(j["y"], dtype=np.int64)
-        if int(j["num_classes"]) != int(job["num_classes"]):
-            raise UserError(f"{job['cache_uri']}: the cache has {j['num_classes']} classes but the dataset "
-                            f"{job['num_classes']}; run `distill targets regen CONFIG`")
-        return out
-    x, y, _ = shards.load_split(job["data_uri"], job["transfer_split"], shard_indices=shard_indices)
-    out = {"x": x}
-    if y is not None and len(y) and (np.asarray(y) >= 0).all():
-        out["y"] = np.asarray(y, dtype=np.int64)
-    return out
-
-
-def load_eval_split(data_uri: str, split: str) -> dict:
-    from pipeline.data import shards
-
-    x, y, _ = shards.load_split(data_uri, split)
-    if y is None or len(y) == 0:
-        raise UserError(f"{data_uri}: split '{split}' is empty or unlabelled; the student needs labelled "
-                        f"val (early stopping) and test (evaluation) splits")
-    return {"x": x, "y": np.asarray(y, dtype=np.int64)}
+    if kind == "cached":
+        return datasets.cache_items(job["cache_uri"], target or job["target"], data_uri=job["data_uri"])
+    split = "train" if kind == "hard" else job["transfer_split"]
+    return datasets.split_items(job["data_uri"], split)
 
 
 def dense_teacher(batch: dict, num_classes: int):
@@ -191,43 +185,41 @@ def dense_teacher(batch: dict, num_classes: int):
     return topk_to_dense(batch["teacher_topk_idx"], batch["teacher_topk_val"], batch["teacher_tail"], num_classes)
 
 
-def with_soft_targets(arrays: dict, T: float, chunk: int = 65536) -> dict:
-    """`arrays` with dense cached targets replaced by "teacher_log_p": float32 log softmax(teacher / T),
-    computed once for a run at temperature T instead of at every step (`losses.teacher_log_probs`).
-    Top-k targets are left as they are (densifying them is what top-k avoids). The loss from
-    `make_loss("cached", T, ...)` must then use the same T."""
-    import torch
+class _Labels:
+    """Whether the transfer set is labelled, decided on its first batch (one host sync per run):
+    unlabelled rows carry y = -1 and then only the soft term is trained."""
 
-    from pipeline.losses import teacher_log_probs
+    def __init__(self):
+        self.labelled: Optional[bool] = None
 
-    if "teacher" not in arrays:
-        return arrays
-    teacher = arrays["teacher"]
-    out = np.empty(teacher.shape, dtype=np.float32)
-    for s in range(0, len(teacher), chunk):
-        out[s:s + chunk] = teacher_log_probs(torch.from_numpy(np.asarray(teacher[s:s + chunk])), T).numpy()
-    return {**{k: v for k, v in arrays.items() if k != "teacher"}, "teacher_log_p": out}
+    def __call__(self, batch: dict):
+        y = batch.get("y")
+        if y is None:
+            return None
+        if self.labelled is None:
+            self.labelled = bool((y >= 0).all())
+        return y.long() if self.labelled else None
 
 
 def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 0, target: str = "ensemble",
               ensemble: Any = None) -> Callable:
-    """loss_fn(student_logits, batch) for `pipeline.training.train_one_epoch`.
+    """loss_fn(student_logits, batch) for the training core (`pipeline.training.run_epochs`).
 
-    kind: "hard" (cross-entropy with batch["y"]), "cached" (KD against the batch's cached targets) or
-    "online" (KD against `ensemble(batch["x"])`, a `TeacherEnsemble`, run on every batch).
+    kind: "hard" (cross-entropy with batch["y"]), "cached" (the KD loss `pipeline.losses.kd_loss`
+    against the batch's cached targets: the teacher's softmax at T is computed per batch on the
+    device) or "online" (KD against `ensemble(batch["x"])`, a `TeacherEnsemble`, run on every batch).
     """
     import torch
     import torch.nn.functional as F
 
-    from pipeline.losses import kd_loss, kd_loss_from_log_probs
+    from pipeline.losses import kd_loss
 
     if kind == "hard":
         return lambda logits, batch: F.cross_entropy(logits, batch["y"].long())
+    labels = _Labels()
     if kind == "cached":
         def cached(logits, batch):
-            if "teacher_log_p" in batch:  # prepared by `with_soft_targets` at this T
-                return kd_loss_from_log_probs(logits, batch["teacher_log_p"], batch.get("y"), T, alpha)
-            return kd_loss(logits, dense_teacher(batch, num_classes), batch.get("y"), T, alpha)
+            return kd_loss(logits, dense_teacher(batch, num_classes), labels(batch), T, alpha)
 
         return cached
     if kind == "online":
@@ -238,101 +230,66 @@ def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 
         def online(logits, batch):
             with torch.no_grad():
                 teacher = ensemble(batch["x"])[which].to(logits.device)
-            return kd_loss(logits, teacher, batch.get("y"), T, alpha)
+            return kd_loss(logits, teacher, labels(batch), T, alpha)
 
         return online
     raise ValueError(f"unknown loss kind {kind!r}")
 
 
-def train_student(job: dict, data: dict, val: dict, kind: str, T: float = 1.0, alpha: float = 0.0,
-                  lr: Optional[float] = None, epochs: Optional[int] = None, seed: Optional[int] = None,
-                  report: Optional[Callable[[dict], None]] = None, ensemble: Any = None,
-                  device: Any = "cpu") -> tuple[Any, list[dict]]:
-    """Train one student in this process (Tune trials, bench, tests): (model at its best val epoch, history).
-
-    Same model, optimizer, schedule, minibatches (`pipeline.ray_train._rank_batches` with one rank)
-    and loss as a one-worker Ray Train run of the stage. `report(row)` gets, after every epoch,
-    {"epoch" (1-based), "train_loss", "val_error", "best_val_error", "samples_per_s", "early_stopped"}.
-    """
+def train_in_process(job: dict, kind: str, T: float = 1.0, alpha: float = 0.0, lr: Optional[float] = None,
+                     epochs: Optional[int] = None, seed: Optional[int] = None,
+                     report: Optional[Callable[[dict], None]] = None, ensemble: Any = None,
+                     device: Any = "cpu", target: Optional[str] = None) -> tuple[Any, list[dict]]:
+    """Train one student in this process on the training core (Tune trials, bench, tests), streaming
+    its data through Ray Data like a one-worker Ray Train run of the stage: (model at its best val
+    epoch, history). Nothing is loaded whole. `report(row)` gets, after every epoch,
+    {"epoch" (1-based), "train_loss", "val_error", "best_val_error", "samples_per_s", "seconds",
+    "early_stopped"}."""
     import torch
 
-    from pipeline import models, training
-    from pipeline.ray_train import _rank_batches
+    from pipeline import datasets, models, ray_train, training
 
     tcfg = dict(job["train"])
     if lr is not None:
         tcfg["lr"] = float(lr)
     epochs = int(epochs or job["epochs"])
+    tcfg["epochs"] = epochs
     seed = int(job["seed"] if seed is None else seed)
-    arrays = {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
-    if kind == "hard" and "y" not in arrays:
-        raise UserError("the transfer set is unlabelled: the hard-label baseline needs labels")
-    if kind != "cached":
-        arrays = {k: v for k, v in arrays.items() if k in ("x", "y")}
-    else:
-        arrays = with_soft_targets(arrays, T)
-    n = len(arrays["x"])
+    loader = job["loader"]
     bs = int(tcfg["batch_size"])
-    steps = max(1, math.ceil(n / bs))
+    entries = train_entries(job, kind, target)
+    steps = ray_train.steps_per_epoch([entries], bs)
+    stream = datasets.training_stream(entries, 0, epochs, seed, loader["read_cpus"], loader["read_concurrency"],
+                                      loader["group_rows"])
+    val = datasets.from_items(datasets.group_items(datasets.split_items(job["data_uri"], "val"), loader["group_rows"]),
+                              loader["read_cpus"], loader["read_concurrency"])
     torch.manual_seed(seed)
-    model = models.build_model(job["model"], job["input_shape"], job["num_classes"]).to(device)
-    optimizer = training.make_optimizer(model, tcfg)
-    scheduler = training.make_scheduler(optimizer, tcfg, steps, epochs)
-    stopper = training.EarlyStopping(int(tcfg["patience"])) if tcfg.get("patience") else None
-    loss_fn = make_loss(kind, T, alpha, job["num_classes"], job["target"], ensemble)
-    gen = torch.Generator()
-    best_err, best_state, history = math.inf, None, []
-    for epoch in range(epochs):
-        torch.manual_seed(seed * 1_000_003 + epoch * 1009)
-        gen.manual_seed(seed * 7919 + epoch * 131)
-        stats = training.train_one_epoch(model, _rank_batches(arrays, bs, steps, seed, epoch, 0), optimizer,
-                                         loss_fn, scheduler, max_norm=tcfg.get("max_norm"),
-                                         jitter_pixels=int(tcfg.get("jitter") or 0), device=device, generator=gen)
-        ev = training.evaluate(model, val["x"], val["y"], 1024, device)
-        err = float(ev["test_error"])
-        if err < best_err:
-            best_err = err
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stop = stopper.step(err) if stopper is not None else False
-        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "val_error": err, "best_val_error": best_err,
-               "samples_per_s": stats["samples"] / max(stats["seconds"], 1e-9), "seconds": stats["seconds"],
-               "early_stopped": stop}
-        history.append(row)
+    model = models.build_model(job["model"], job["input_shape"], job["num_classes"])
+    state = training.TrainState(model, tcfg, steps, epochs, device)
+    loss_fn = make_loss(kind, T, alpha, job["num_classes"], target or job["target"], ensemble)
+    chunks = ray_train.chunk_iterator(stream.iterator(), loader, bs, seed, 0, device)
+    batches = training.epoch_minibatches(chunks, bs, steps, 0, 0, seed, 0, window=int(loader["shuffle_rows"]) or bs)
+    history: list[dict] = []
+
+    def on_epoch(st, row):
+        out = {"epoch": row["epoch"] + 1, "train_loss": row["train_loss"], "val_error": row["val_error"],
+               "best_val_error": st.meta["best_val_error"], "samples_per_s": row["samples_per_s"],
+               "seconds": row["seconds"], "early_stopped": bool(st.meta["done"] and row["epoch"] + 1 < epochs)}
+        history.append(out)
         if report is not None:
-            report(row)
-        if stop:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            report(out)
+
+    training.run_epochs(state, batches, loss_fn, evaluate=ray_train.val_evaluator(val.iterator(), device),
+                        report=on_epoch, name=f"student-{kind}", seed=seed)
+    model = state.model
+    if state.best_state is not None:
+        models.unwrap_model(model).load_state_dict(state.best_state)
     model.eval()
     return model, history
 
 
 # ------------------------------------------------------------------------------------------------
 # Ray Train hooks (module-level so they pickle by reference)
-
-
-def load_train_hard(config: dict, rank: int, world: int) -> dict:
-    from pipeline import ray_train
-
-    return ray_train.default_load_train(config, rank, world)
-
-
-def load_train_cached(config: dict, rank: int, world: int) -> dict:
-    from pipeline import cache, ray_train
-
-    num_shards = len(cache.read_manifest(config["cache_uri"])["shards"])
-    mine = ray_train.worker_shard_indices(num_shards, rank, world)
-    return with_soft_targets(load_transfer(config, with_targets=True, shard_indices=mine), config["T"])
-
-
-def load_train_online(config: dict, rank: int, world: int) -> dict:
-    from pipeline import ray_train
-    from pipeline.data import shards
-
-    entries = shards.split_entries(config["data_uri"], config["transfer_split"])
-    mine = ray_train.worker_shard_indices(len(entries), rank, world)
-    return load_transfer(config, with_targets=False, shard_indices=mine)
 
 
 def make_loss_cached(config: dict) -> Callable:
@@ -348,41 +305,46 @@ def make_loss_online(config: dict) -> Callable:
     return make_loss("online", config["T"], config["alpha"], config["num_classes"], config["target"], ensemble)
 
 
-def _loop_config(cfg: Config, job: dict, which: str, hp: Optional[dict]) -> dict:
+def _loop_config(cfg: Config, job: dict, which: str, hp: Optional[dict]) -> tuple[dict, list[dict]]:
+    """(loop config, training shard entries) of one student's Ray Train job."""
     lc = dict(job)
-    lc.update({"name": f"student-{which}", "train_split": "train", "val_split": "val"})
+    lc["name"] = f"student-{which}"
     if which == "baseline":
-        lc["load_train"] = load_train_hard
-        return lc
+        return lc, train_entries(job, "hard")
+    target = TARGET_OF[which]
     lc["train"] = dict(job["train"], lr=hp["lr"])
-    lc.update({"T": hp["T"], "alpha": hp["alpha"]})
+    lc.update({"T": hp["T"], "alpha": hp["alpha"], "target": target})
     if cfg.student.mode == "cached":
-        lc.update({"load_train": load_train_cached, "make_loss": make_loss_cached})
-    else:
-        from pipeline.teacher_ensemble import resolve_from_config
+        lc["make_loss"] = make_loss_cached
+        return lc, train_entries(job, "cached", target)
+    from pipeline.teacher_ensemble import resolve_from_config
 
-        lc.update({"load_train": load_train_online, "make_loss": make_loss_online,
-                   "teacher_spec": resolve_from_config(cfg)})
-    return lc
+    lc.update({"make_loss": make_loss_online, "teacher_spec": resolve_from_config(cfg)})
+    return lc, train_entries(job, "online")
 
 
-def _train_and_evaluate(cfg: Config, lc: dict, run_name: str, prefix: str, test: dict) -> tuple[Any, dict]:
+def _train_and_evaluate(cfg: Config, lc: dict, entries: list[dict], run_name: str, prefix: str) -> tuple[Any, dict]:
     """One student through Ray Train, then on test: (model at its best val epoch, metrics entry).
 
     The Ray Train run lives in `student/ray/{run_name}`: rerunning an interrupted stage resumes it
-    from its last epoch; runs of earlier configs (same prefix) are deleted.
+    from its last checkpoint; runs of earlier configs (same prefix) are deleted.
     """
-    from pipeline import models, ray_train, training
+    from pipeline import datasets, models, ray_train
+    from pipeline.stages.teacher import evaluate_model
 
     t0 = time.perf_counter()
     ray_uri = storage.join(cfg.stage_uri("student"), "ray")
     ray_train.remove_other_runs(ray_uri, run_name, prefix)
-    result = ray_train.fit(ray_train.train_loop, lc, cfg.student, ray_uri, run_name, cfg.student.max_failures)
+    extra, dsets = ray_train.data_parallel_job(entries, datasets.split_items(lc["data_uri"], "val"), cfg.student,
+                                               lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, run_name)
+    lc = dict(lc, **extra)
+    result = ray_train.fit(ray_train.train_loop, lc, cfg.student, ray_uri, run_name, cfg.student.max_failures,
+                           datasets=dsets)
     best, best_meta, _last, last_meta = ray_train.best_and_last(result)
     with best.as_directory() as d:
         model, _ = models.load_checkpoint(d)
     seconds = time.perf_counter() - t0
-    ev = training.evaluate(model, test["x"], test["y"], batch_size=1024)
+    ev = evaluate_model(cfg, model, lc["data_uri"], "test")
     history = last_meta["history"]
     entry = {
         "test_error": ev["test_error"], "test_errors": ev["test_errors"], "test_samples": ev["n"],
@@ -489,17 +451,16 @@ def run(cfg: Config) -> dict:
     ray_train.check_resources(s, "student")
     job = student_job(cfg, manifest=manifest)
     hp = hyperparameters(cfg)
-    test = load_eval_split(data_uri, "test")
 
     results: dict[str, dict] = {}
     trained = {}
-    for which in ("baseline", "distilled"):
+    for which in STUDENTS:
         if which == "baseline":
             run_fp = baseline_fingerprint(cfg)
             what = "hard labels only"
         else:
-            run_fp = fingerprint(cfg)
-            what = (f"{s.mode} {s.target} targets, T={hp['T']:g} alpha={hp['alpha']:g} lr={hp['lr']:g} "
+            run_fp = distilled_fingerprint(cfg, which)
+            what = (f"{s.mode} {TARGET_OF[which]} targets, T={hp['T']:g} alpha={hp['alpha']:g} lr={hp['lr']:g} "
                     f"(from {hp['source']})")
         ckpt_uri = storage.join(out, which)
         reused = _reuse(ckpt_uri, run_fp)
@@ -510,10 +471,10 @@ def run(cfg: Config) -> dict:
         else:
             log(f"student: training the {which} student ({what}), {s.num_workers} Ray Train worker(s), "
                 f"{s.epochs} epochs")
-            model, entry = _train_and_evaluate(cfg, _loop_config(cfg, job, which, hp), f"{which}-{run_fp}",
-                                               which + "-", test)
-            if which == "distilled":
-                entry.update({"T": hp["T"], "alpha": hp["alpha"], "target": s.target, "mode": s.mode,
+            lc, entries = _loop_config(cfg, job, which, hp)
+            model, entry = _train_and_evaluate(cfg, lc, entries, f"{which}-{run_fp}", which + "-")
+            if which != "baseline":
+                entry.update({"T": hp["T"], "alpha": hp["alpha"], "target": TARGET_OF[which], "mode": s.mode,
                               "hyperparameters_from": hp["source"]})
                 if "tune_val_error" in hp:
                     entry["tune_val_error"] = hp["tune_val_error"]
@@ -531,16 +492,20 @@ def run(cfg: Config) -> dict:
     lat = latencies(cfg, distilled, job["input_shape"])
     teacher_metrics = _read_json(storage.join(cfg.stage_uri("teacher"), "metrics.json"))
     spec_metrics = _read_json(storage.join(cfg.stage_uri("specialists"), "metrics.json"))
-    b, d = results["baseline"], results["distilled"]
+    b, d, dg = results["baseline"], results["distilled"], results["distilled_generalist"]
     metrics = {
         "baseline": b,
         "distilled": d,
+        "distilled_generalist": dg,
         "teacher": {"generalist_test_error": teacher_metrics.get("test_error"),
                     "generalist_params": teacher_metrics.get("params"),
                     "ensemble_test_error": spec_metrics.get("test_error"),
                     "ensemble_params": spec_metrics.get("params")},
         "improvement": {"test_errors": b["test_errors"] - d["test_errors"],
                         "test_error": round(b["test_error"] - d["test_error"], 6)},
+        # What the specialists bought once distilled (the question the paper left open).
+        "specialists_gain": {"test_errors": dg["test_errors"] - d["test_errors"],
+                             "test_error": round(dg["test_error"] - d["test_error"], 6)},
         # Median CPU ms per batch of LATENCY_BATCH, one number per model (the report's table);
         # `latency` has the details (p90, runs, threads).
         "latency_ms_per_batch": {k: v["ms_median"] for k, v in lat.items() if isinstance(v, dict)},
@@ -557,7 +522,8 @@ def run(cfg: Config) -> dict:
     if "ensemble" in lat:
         metrics["teacher"]["speedup_vs_ensemble"] = round(lat["ensemble"]["ms_median"] / lat["student"]["ms_median"], 2)
     storage.write_json_atomic(storage.join(out, "metrics.json"), metrics)
-    log(f"student: distilled {d['test_errors']} vs baseline {b['test_errors']} test errors "
+    log(f"student: distilled {d['test_errors']} (from the generalist alone {dg['test_errors']}) vs baseline "
+        f"{b['test_errors']} test errors "
         f"({'better' if d['test_errors'] < b['test_errors'] else 'NOT better'}); "
         f"student {lat['student']['ms_median']:.2f} ms / batch of {LATENCY_BATCH}"
         + (f", generalist {lat['generalist']['ms_median']:.2f} ms" if "generalist" in lat else "")

@@ -7,7 +7,7 @@ are searched per student rather than fixed. Because the cache stores raw logits 
 
 How it runs:
 * One Tune *function trainable* per (T, alpha[, lr]) point. Each trial trains the student in-process
-  with the plain torch loop of `pipeline.stages.student.train_student` (the same loss, batching,
+  on the training core (`pipeline.stages.student.train_in_process`: the same loss, batching,
   optimizer and schedule the final student gets), reporting the val error after every epoch through
   `ray.tune.report`. We chose the in-trial loop over launching a Ray Train `TorchTrainer` inside each
   trial (the Train v2 way to tune a trainer, see STYLE.md): a student is small enough for one worker,
@@ -20,10 +20,9 @@ How it runs:
   the teacher every step): searching T/alpha with the teacher in the loop would multiply its cost.
 * Search space from config: grid (`tune.grid_search` over T x alpha [x lr], `num_samples` repeats
   with different seeds) or random (`tune.choice` over the same lists, `num_samples` trials).
-* The cache is read once by the driver and handed to trials through the object store
-  (`tune.with_parameters`): trials on one node share one zero-copy copy instead of each decoding the
-  shards again, and Ray ships it to other nodes of a cluster. When it would take more than a quarter
-  of the object store, trials read the cache from its URI themselves instead.
+* Every trial streams the cache joined with its inputs through Ray Data (`pipeline.datasets`),
+  exactly as the student stage's workers do; the driver loads no data and no trial holds the
+  transfer set, so the search scales with the cache like the final student does.
 * The experiment lives in `tune/ray/tune-{fingerprint}`; a rerun after a crash restores it
   (`Tuner.restore`): finished trials are kept, unfinished ones run again.
 
@@ -53,8 +52,6 @@ RESULTS_FILE = "results.csv"
 HEATMAP_FILE = "heatmap.png"
 BEST_FILE = "best.json"
 CSV_COLUMNS = ("trial_id", "T", "alpha", "lr", "seed", "val_error", "last_val_error", "epochs_run", "status")
-# Above this share of the object store the driver does not `ray.put` the data; trials load it.
-OBJECT_STORE_SHARE = 0.25
 
 
 def fingerprint(cfg: Config) -> str:
@@ -126,28 +123,25 @@ def num_trials(cfg: Config) -> int:
 # The trial (runs in a Ray worker)
 
 
-def _trainable(config: dict, job: dict, data: Optional[dict] = None) -> None:
+def _trainable(config: dict, job: dict) -> None:
     import torch
     from ray import tune
 
-    from pipeline.stages.student import load_eval_split, load_transfer, train_student
+    from pipeline.stages.student import train_in_process
 
     torch.set_num_threads(max(1, int(job["cpus"])))
     device = "cuda" if job["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    if data is None:  # too large for the object store: read the cache here
-        data = {"train": load_transfer(job, with_targets=True), "val": load_eval_split(job["data_uri"], "val")}
-
-    # Object-store arrays are read-only; the labels are tiny, and torch wants writable ones.
-    val = {"x": data["val"]["x"], "y": np.array(data["val"]["y"])}
 
     def report(row: dict) -> None:
         tune.report({"val_error": row["val_error"], "best_val_error": row["best_val_error"],
                      "epoch": row["epoch"], "train_loss": row["train_loss"],
                      "samples_per_s": row["samples_per_s"], "early_stopped": row.get("early_stopped", False)})
 
-    train_student(job, data["train"], val, kind="cached", T=float(config["T"]),
-                  alpha=float(config["alpha"]), lr=float(config["lr"]), epochs=job["epochs"],
-                  seed=int(config["seed"]), report=report, device=device)
+    # The trial streams the cache joined with its inputs through Ray Data, like the student stage's
+    # workers: the driver loads no data and no trial holds the transfer set.
+    train_in_process(job, kind="cached", T=float(config["T"]), alpha=float(config["alpha"]),
+                     lr=float(config["lr"]), epochs=job["epochs"], seed=int(config["seed"]), report=report,
+                     device=device)
 
 
 def _log_callback(total: int):
@@ -170,20 +164,6 @@ def _log_callback(total: int):
             log(f"tune: trial {trial.trial_id} failed; see its error.txt under tune/ray")
 
     return _Log()
-
-
-def _data_for_trials(job: dict) -> Optional[dict]:
-    """The cache + val arrays to share through the object store, or None if too large for it."""
-    import ray
-
-    from pipeline.stages.student import load_eval_split, load_transfer
-
-    data = {"train": load_transfer(job, with_targets=True), "val": load_eval_split(job["data_uri"], "val")}
-    nbytes = sum(a.nbytes for part in data.values() for a in part.values() if isinstance(a, np.ndarray))
-    capacity = ray.cluster_resources().get("object_store_memory", 0)
-    if capacity and nbytes > OBJECT_STORE_SHARE * capacity:
-        return None
-    return data
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,12 +190,11 @@ def run(cfg: Config) -> dict:
     n = num_trials(cfg)
     t0 = time.perf_counter()
 
-    data = _data_for_trials(job)
     log(f"tune: {n} trial(s), {tc.search} search over T={tc.T} alpha={tc.alpha}"
         + (f" lr={tc.lr}" if tc.lr else "") + f", {epochs} epoch(s) each, scheduler {tc.scheduler}, "
-        f"{tc.max_concurrent} at once ({tc.cpus_per_trial} CPU, {tc.gpus_per_trial} GPU each); data "
-        + ("shared through the object store" if data is not None else "read from the cache by each trial"))
-    trainable = tune.with_resources(tune.with_parameters(_trainable, job=job, data=data),
+        f"{tc.max_concurrent} at once ({tc.cpus_per_trial} CPU, {tc.gpus_per_trial} GPU each); each trial "
+        "streams the cache through Ray Data")
+    trainable = tune.with_resources(tune.with_parameters(_trainable, job=job),
                                     {"cpu": tc.cpus_per_trial, "gpu": tc.gpus_per_trial})
     if tc.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(tc.grace_period, epochs),
@@ -243,7 +222,6 @@ def run(cfg: Config) -> dict:
                                       callbacks=[_log_callback(n)]),
         )
     grid = tuner.fit()
-    del data
     rows = trial_rows(grid, epochs)
     ok = [r for r in rows if r["status"] != "error" and r["val_error"] is not None]
     if not ok:
