@@ -104,7 +104,9 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which network to build; see `pipeline.models.build_model`."""
 
-    arch: Literal["mlp", "cnn", "resnet", "wrn"] = Field("mlp", description="Model family.")
+    arch: Literal["mlp", "cnn", "resnet", "wrn", "resnet18", "resnet50", "vit"] = Field(
+        "mlp", description="Model family: the paper's mlp, a small cnn, CIFAR resnet (6n+2) / wrn, or "
+        "torchvision's resnet18 / resnet50 / vit (ImageNet-style).")
     hidden: list[Width] = Field(default_factory=lambda: [256, 256], description="Hidden widths (mlp, cnn head).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on hidden layers.")
     input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the inputs (mlp).")
@@ -112,6 +114,17 @@ class ModelConfig(_Section):
     depth: Optional[Int] = Field(None, description="Depth (resnet: 6n+2, wrn: 6n+4).")
     width: Optional[Int] = Field(None, ge=1, description="Base channels (resnet).")
     widen_factor: Optional[Int] = Field(None, ge=1, description="Width multiplier k (wrn).")
+    weights: Optional[PathOrURI] = Field(
+        None, description="resnet18/resnet50/vit: start from this local state-dict file (torchvision's own "
+        "file for the arch, or a model.pt of this project); nothing is ever downloaded.")
+    stem: Optional[Literal["imagenet", "cifar"]] = Field(
+        None, description="resnet18/resnet50: 'imagenet' (7x7/2 conv + max-pool, 224 px; default) or "
+        "'cifar' (one 3x3/1 conv, for 32-64 px).")
+    patch_size: Optional[Int] = Field(None, ge=1, description="vit: patch side (default 16).")
+    num_layers: Optional[Int] = Field(None, ge=1, description="vit: transformer blocks (default 12).")
+    num_heads: Optional[Int] = Field(None, ge=1, description="vit: attention heads (default 6).")
+    hidden_dim: Optional[Int] = Field(None, ge=1, description="vit: token width (default 384).")
+    mlp_dim: Optional[Int] = Field(None, ge=1, description="vit: MLP width (default 1536).")
 
     @model_validator(mode="after")
     def _check_arch(self) -> "ModelConfig":

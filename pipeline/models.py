@@ -2,6 +2,9 @@
 
 Teacher (generalist), specialists and student are all built here from a small spec dict (the YAML
 `model:` section), so a checkpoint only needs that spec plus the weights to be rebuilt anywhere.
+Families: the paper's `mlp`, a small `cnn`, the CIFAR `resnet` (6n+2) and `wrn`, and torchvision's
+ImageNet nets `resnet18`, `resnet50` and a small `vit` (VisionTransformer), which can start from a
+local state-dict file (`weights: PATH`; nothing is ever downloaded).
 Every model is `body` (inputs -> features) followed by one `nn.Linear` called `head`: the
 specialists of Hinton et al. (2015, section 5.2) are the generalist with the head swapped for one
 over "my classes + dustbin" (`replace_head`).
@@ -30,7 +33,8 @@ from torch import nn
 from pipeline import storage
 from pipeline.errors import UserError
 
-ARCHS = ("mlp", "cnn", "resnet", "wrn")
+ARCHS = ("mlp", "cnn", "resnet", "wrn", "resnet18", "resnet50", "vit")
+TORCHVISION_ARCHS = ("resnet18", "resnet50", "vit")
 CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
@@ -41,6 +45,13 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn": {"channels": [32, 64], "hidden": [128], "dropout": 0.0},
     "resnet": {"depth": 20, "width": 16},
     "wrn": {"depth": 16, "widen_factor": 4, "dropout": 0.0},
+    # torchvision's ResNets; stem "cifar" swaps the 7x7/2 conv + max-pool for one 3x3/1 conv
+    # (for 32-64 px inputs), "imagenet" keeps them (224 px).
+    "resnet18": {"stem": "imagenet", "weights": None},
+    "resnet50": {"stem": "imagenet", "weights": None},
+    # ViT-S/16 dimensions (22 M parameters at 224 px); input must be square, a multiple of patch_size.
+    "vit": {"patch_size": 16, "num_layers": 12, "num_heads": 6, "hidden_dim": 384, "mlp_dim": 1536,
+            "dropout": 0.0, "weights": None},
 }
 _ALL_KEYS = {"arch"} | {k for d in _DEFAULTS.values() for k in d}
 
@@ -95,6 +106,17 @@ def resolve_spec(spec: Optional[dict]) -> dict[str, Any]:
         d = out["depth"]
         if not (_is_int(d) and d >= 10 and (d - 4) % 6 == 0):
             raise UserError(f"model.depth: {d!r} is not valid for wrn; use 6n+4 with n >= 1 (10, 16, 22, 28, 40)")
+    if "stem" in out and out["stem"] not in ("imagenet", "cifar"):
+        raise UserError(f"model.stem: {out['stem']!r} must be 'imagenet' (7x7/2 conv + max-pool, 224 px) or "
+                        "'cifar' (one 3x3/1 conv, 32-64 px)")
+    for key in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim"):
+        if key in out and not (_is_int(out[key]) and out[key] > 0):
+            raise UserError(f"model.{key}: {out[key]!r} must be a positive integer")
+    if arch == "vit" and out["hidden_dim"] % out["num_heads"]:
+        raise UserError(f"model.hidden_dim: {out['hidden_dim']} must be a multiple of model.num_heads "
+                        f"({out['num_heads']})")
+    if "weights" in out and out["weights"] is not None and not (isinstance(out["weights"], str) and out["weights"]):
+        raise UserError(f"model.weights: {out['weights']!r} must be the path of a state-dict file")
     return out
 
 
@@ -228,15 +250,114 @@ def _wrn(spec: dict, input_shape: tuple[int, ...], num_classes: int) -> Classifi
     return Classifier(nn.Sequential(*layers), nn.Linear(in_c, num_classes))
 
 
-_BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet, "wrn": _wrn}
+def _torchvision_resnet(spec: dict, input_shape: tuple[int, ...], num_classes: int) -> Classifier:
+    from torchvision.models import resnet18, resnet50
+
+    net = {"resnet18": resnet18, "resnet50": resnet50}[spec["arch"]](weights=None)
+    c = input_shape[0]
+    if spec["stem"] == "cifar":
+        net.conv1 = nn.Conv2d(c, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif c != 3:
+        net.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    return Classifier(net, nn.Linear(width, num_classes))
+
+
+def _vit(spec: dict, input_shape: tuple[int, ...], num_classes: int) -> Classifier:
+    from torchvision.models import VisionTransformer
+
+    c, h, w = input_shape
+    p = spec["patch_size"]
+    if h != w or h % p:
+        raise UserError(f"model.arch 'vit' needs square inputs whose side is a multiple of model.patch_size ({p}); "
+                        f"the data are {h}x{w}: set the stage's augment.size (e.g. [{max(p, h - h % p)}]) or patch_size")
+    net = VisionTransformer(image_size=h, patch_size=p, num_layers=spec["num_layers"], num_heads=spec["num_heads"],
+                            hidden_dim=spec["hidden_dim"], mlp_dim=spec["mlp_dim"], dropout=spec["dropout"],
+                            num_classes=num_classes)
+    if c != 3:
+        net.conv_proj = nn.Conv2d(c, spec["hidden_dim"], p, p)
+        nn.init.trunc_normal_(net.conv_proj.weight, std=math.sqrt(1 / (c * p * p)))
+        nn.init.zeros_(net.conv_proj.bias)
+    net.heads = nn.Identity()  # forward() then returns the class token's features
+    return Classifier(net, nn.Linear(spec["hidden_dim"], num_classes))
+
+
+_BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet, "wrn": _wrn,
+             "resnet18": _torchvision_resnet, "resnet50": _torchvision_resnet, "vit": _vit}
+# Where each torchvision family keeps its classifier in torchvision's own state dicts.
+_TV_HEAD = {"resnet18": "fc", "resnet50": "fc", "vit": "heads.head"}
+_TV_STEM = {"resnet18": "conv1.weight", "resnet50": "conv1.weight", "vit": "conv_proj.weight"}
+
+
+def load_pretrained(model: Classifier, spec: dict, num_classes: int) -> None:
+    """Start `model` from the local state-dict file `spec["weights"]` (in place; no download).
+
+    Accepted: torchvision's own files for the architecture (e.g. resnet18's `resnet18-*.pth`; its
+    classifier is used only when it has `num_classes` outputs), or a `model.pt` of this project
+    (keys `body.*`, `head.*`), optionally wrapped as {"state_dict": ...} or {"model": ...}. A
+    3-channel stem is summed over its input channels for greyscale data. Loaded with
+    `weights_only=True`; any other mismatch is a UserError naming the file and the keys.
+    """
+    path = spec["weights"]
+    where = f"model.weights {path}"
+    try:
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UserError(f"{where}: file not found; give the path of a local state-dict file (.pt/.pth) "
+                        "for this architecture (nothing is downloaded), or remove model.weights") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"{where}: not a plain tensor state dict, refusing to load it ({e})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and set(state) == {wrapper} and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{where}: not a state dict (a mapping of parameter names to tensors)")
+    arch = spec["arch"]
+    if any(k.startswith("body.") for k in state):
+        body = {k[5:]: v for k, v in state.items() if k.startswith("body.")}
+        head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    else:
+        prefix = _TV_HEAD.get(arch, "head") + "."
+        body = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    stem = _TV_STEM.get(arch)
+    target = model.body.state_dict()
+    if stem and stem in body and stem in target and body[stem].shape != target[stem].shape:
+        w = body[stem]
+        if w.dim() == 4 and w.shape[1] == 3 and target[stem].shape[1] == 1 and w.shape[2:] == target[stem].shape[2:]:
+            body[stem] = w.sum(dim=1, keepdim=True)
+    missing = sorted(set(target) - set(body))
+    unexpected = sorted(set(body) - set(target))
+    wrong = sorted(k for k in set(body) & set(target) if body[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {tuple(body[k].shape)}, "
+                         f"model {tuple(target[k].shape)})")
+        raise UserError(f"{where}: does not fit model.arch {arch!r} with this spec and input: "
+                        f"{'; '.join(parts)} parameter(s). Use a checkpoint of the same architecture and "
+                        "settings (stem, patch_size, widths), or remove model.weights")
+    model.body.load_state_dict(body)
+    if head and head.get("weight") is not None and tuple(head["weight"].shape) == tuple(model.head.weight.shape):
+        model.head.load_state_dict(head)
 
 
 def build_model(spec: Optional[dict], input_shape: Sequence[int], num_classes: int) -> Classifier:
     """Build a freshly initialised model (no pretrained weights are ever downloaded).
 
-    spec: the `model:` config section (see `resolve_spec` for keys and defaults).
+    spec: the `model:` config section (see `resolve_spec` for keys and defaults); `weights: PATH`
+        (resnet18/resnet50/vit) starts from a local state-dict file (`load_pretrained`).
     input_shape: per-sample shape, (C, H, W) for images or (D,) for vectors; mlp flattens anything,
-        cnn/resnet/wrn need (C, H, W).
+        the others need (C, H, W) (for encoded images: `pipeline.transforms.output_shape`).
     Returns a `Classifier` mapping (B, *input_shape) float32 -> (B, num_classes) logits, with the
     final layer at `model.head`.
     """
@@ -252,9 +373,12 @@ def build_model(spec: Optional[dict], input_shape: Sequence[int], num_classes: i
             f"{input_shape}; use arch 'mlp' or store the inputs as (C, H, W)"
         )
     model = _BUILDERS[spec["arch"]](spec, input_shape, int(num_classes))
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if spec["arch"] not in ("vit",):  # torchvision's ViT keeps its own (truncated-normal) init
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if spec.get("weights"):
+        load_pretrained(model, spec, int(num_classes))
     return model
 
 
@@ -459,7 +583,8 @@ def load_checkpoint(dir_uri: str, map_location: Any = "cpu") -> tuple[Classifier
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as e:
         raise UserError(f"{weights_uri}: not a plain tensor state_dict, refusing to load it ({e})") from None
-    model = build_model(meta["spec"], meta["input_shape"], meta["num_classes"])
+    # The starting weights a spec names are irrelevant here (and may not exist on this machine).
+    model = build_model(dict(meta["spec"], weights=None), meta["input_shape"], meta["num_classes"])
     if meta["num_outputs"] != meta["num_classes"]:
         replace_head(model, meta["num_outputs"])
     model.load_state_dict(state)

@@ -278,3 +278,96 @@ def test_checkpoint_is_loaded_with_weights_only(tmp_path):
     with pytest.raises(UserError, match="refusing"):
         load_checkpoint(str(d))
     assert _EXECUTED == []
+
+
+# ---- torchvision image models -----------------------------------------------------------------
+
+TINY_VIT = {"arch": "vit", "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
+
+
+@pytest.mark.parametrize("spec,shape,params", [
+    ({"arch": "resnet18"}, (3, 64, 64), (11.1e6, 11.3e6)),          # torchvision's 11.7 M less the 1000-way fc
+    ({"arch": "resnet18", "stem": "cifar"}, (1, 32, 32), (11.1e6, 11.3e6)),
+    ({"arch": "resnet50"}, (3, 64, 64), (23.4e6, 23.6e6)),
+    (TINY_VIT, (3, 32, 32), (2e4, 6e4)),
+    (TINY_VIT, (1, 32, 32), (2e4, 6e4)),
+])
+def test_torchvision_models_fit_the_classifier_api(spec, shape, params):
+    m = build_model(spec, shape, 10)
+    assert isinstance(m.head, torch.nn.Linear) and m.head.out_features == 10
+    assert params[0] < count_params(m) < params[1]
+    x = torch.randn(2, *shape)
+    m.eval()
+    assert m(x).shape == (2, 10) and torch.equal(m(x), m.head(m.features(x)))
+    replace_head(m, 4, init_rows=torch.tensor([1, 5, 7]))  # a specialist: 3 classes + dustbin
+    assert m(x).shape == (2, 4)
+
+
+def test_vit_defaults_are_vit_small_and_inputs_are_checked():
+    spec = resolve_spec({"arch": "vit"})
+    assert (spec["num_layers"], spec["num_heads"], spec["hidden_dim"], spec["patch_size"]) == (12, 6, 384, 16)
+    with pytest.raises(UserError, match=r"square inputs.*patch_size \(8\).*augment\.size"):
+        build_model(TINY_VIT, (3, 30, 30), 10)
+    with pytest.raises(UserError, match=r"model\.hidden_dim: 30 must be a multiple of model\.num_heads"):
+        build_model(dict(TINY_VIT, hidden_dim=30, num_heads=4), (3, 32, 32), 10)
+    with pytest.raises(UserError, match=r"model\.stem"):
+        build_model({"arch": "resnet18", "stem": "tiny"}, (3, 32, 32), 10)
+
+
+def test_start_from_a_torchvision_state_dict_file(tmp_path):
+    from torchvision.models import resnet18
+
+    ref = resnet18(weights=None, num_classes=10)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    m = build_model({"arch": "resnet18", "weights": str(path)}, (3, 64, 64), 10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(m(x), ref.eval()(x))  # body and (10-way) classifier both taken
+    # another class count: the body is taken, the head stays fresh
+    m100 = build_model({"arch": "resnet18", "weights": str(path)}, (3, 64, 64), 100).eval()
+    torch.testing.assert_close(m100.features(x), m.features(x))
+    # greyscale data: the RGB stem is summed over its input channels
+    g = build_model({"arch": "resnet18", "weights": str(path)}, (1, 64, 64), 10).eval()
+    xg = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(g(xg), ref(xg.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+    # a checkpoint of this project's own model.pt works too, and load_checkpoint never needs the file
+    save_checkpoint(str(tmp_path / "ck"), m, {"arch": "resnet18", "weights": str(path)}, (3, 64, 64), 10)
+    path.unlink()
+    again, meta = load_checkpoint(str(tmp_path / "ck"))
+    assert meta["spec"]["weights"] == str(path)
+    torch.testing.assert_close(again(x), m(x))
+    vit = build_model(TINY_VIT, (3, 32, 32), 10)
+    torch.save({"state_dict": vit.state_dict()}, tmp_path / "vit.pt")
+    vit2 = build_model(dict(TINY_VIT, weights=str(tmp_path / "vit.pt")), (3, 32, 32), 10)
+    xv = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(vit2.eval()(xv), vit.eval()(xv))
+
+
+def test_missing_mismatched_or_pickled_weights_are_user_errors(tmp_path):
+    from torchvision.models import resnet18
+
+    with pytest.raises(UserError, match=r"model\.weights .*nope\.pth: file not found.*nothing is downloaded"):
+        build_model({"arch": "resnet18", "weights": str(tmp_path / "nope.pth")}, (3, 32, 32), 10)
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(UserError, match=r"does not fit model\.arch 'resnet50'.*missing"):
+        build_model({"arch": "resnet50", "weights": str(tmp_path / "r18.pth")}, (3, 32, 32), 10)
+    with pytest.raises(UserError, match=r"of another shape \(e\.g\. conv1\.weight"):
+        build_model({"arch": "resnet18", "stem": "cifar", "weights": str(tmp_path / "r18.pth")}, (3, 32, 32), 10)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"conv1.weight": Evil()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=True)
+    with pytest.raises(UserError, match="refusing to load"):
+        build_model({"arch": "resnet18", "weights": str(tmp_path / "evil.pth")}, (3, 32, 32), 10)
+
+
+def test_config_accepts_the_torchvision_archs():
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["teacher.model.arch=vit", "teacher.model.patch_size=8", "student.model.arch=resnet18",
+                             "student.model.stem=cifar", "teacher.model.weights=ckpt/vit.pt"])
+    spec = cfg.teacher.model.spec()
+    assert spec["arch"] == "vit" and spec["patch_size"] == 8 and os.path.isabs(spec["weights"])
+    assert resolve_spec(cfg.student.model.spec()) == {"arch": "resnet18", "stem": "cifar", "weights": None}
