@@ -21,8 +21,8 @@ Per sample (both formats hold the same values):
   stored as float16 or float32. Log-probabilities are floored at ``LOGP_FLOOR`` (-1e4) so that a
   probability of exactly 0 is stored as a finite number: exp(-1e4 / T) is 0 for any T <= 1e3.
 * top-k (``targets.top_k``, for large C): for each target t in (generalist, ensemble),
-  ``{t}_topk_idx`` (k,) int32 class indices sorted by decreasing probability, ``{t}_topk_val`` (k,)
-  their log-probabilities at T = 1 (the generalist's logits minus their logsumexp: the shift does
+  ``{t}_topk_idx`` (k,) class indices sorted by decreasing probability (int16 when C <= 32767,
+  else int32), ``{t}_topk_val`` (k,) their log-probabilities at T = 1 in the cache's dtype (the generalist's logits minus their logsumexp: the shift does
   not change softmax(z / T) at any T), and ``{t}_tail`` float32, the log of the probability mass
   outside the top k, computed exactly in float32 before rounding. `topk_to_dense` spreads the tail
   uniformly over the other C - k classes.
@@ -36,10 +36,20 @@ Per sample (both formats hold the same values):
 Parquet files have columns ``key`` (string), ``label`` (int32, null when unlabelled) and one
 FixedSizeList column per 1-D field above (a plain float32 column for the top-k tails). They hold no
 inputs: readers join them with the dataset's shards by position and check the keys. WebDataset tars
-are self-contained: per sample ``KEY.input.npy`` (the dataset's stored input), ``KEY.cls`` (label;
-absent when unlabelled) and ``KEY.{field}.npy`` for each dense field; top-k caches pack each
-target's three fields into one structured ``KEY.{t}_topk.npy`` (fields idx, val, tail), because
-every tar member costs at least 1 KiB of 512-byte blocks.
+are self-contained: per sample ``KEY.cls`` (label; absent when unlabelled), ``KEY.input.npy`` (the
+dataset's stored input) and ONE member for all its targets, ``KEY.targets.npy``: a 0-d .npy of a
+packed little-endian structured dtype whose fields are the fields above in that order (e.g. dense
+float16 at C classes: ``[("generalist_logits", "<f2", (C,)), ("ensemble_logprobs", "<f2", (C,))]``,
+4 C bytes + a 128-byte header). Every tar member costs a 512-byte header plus its data rounded up
+to 512 bytes, so one member instead of one per field saves at least 1 KiB per field per sample.
+`np.load(..., allow_pickle=False)` and the `webdataset` library read it; the fields come out by
+name. Bytes per sample of each layout are measured by bench/bench_cache_size.py (table in
+docs/performance.md).
+
+Format versions: 2 (this one). Version 1 wrote one tar member per field (top-k: per target) and
+int32 top-k indices; its per-shard files are still readable by `read_parquet`/`read_webdataset`,
+but `read_manifest` refuses a version-1 cache and says to run ``distill targets regen`` (every
+shard's fingerprint includes the version, so regen rewrites them all).
 
 Crash safety. Every file is written to a local temp file and published with
 `storage.put_file_atomic` (rename locally, one PUT on S3), so a shard is visible complete or not at
@@ -75,7 +85,7 @@ from pipeline.errors import UserError
 from pipeline.tarfast import BLOCK as _BLOCK, USTAR_MAGIC as _USTAR_MAGIC, headers as _tar_headers
 from pipeline.tarfast import npy_header as _npy_header, octal_values as _octal_values, padded as _padded
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KIND = "distill-soft-targets"
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "_parts"
@@ -172,6 +182,15 @@ class Layout:
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
 
+    @property
+    def index_dtype(self) -> np.dtype:
+        """Top-k class indices: int16 while every class index fits, else int32."""
+        return np.dtype(np.int16) if self.num_classes <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+    def record_dtype(self) -> np.dtype:
+        """The packed little-endian structured dtype of one sample's targets (WebDataset member)."""
+        return np.dtype([(name, dt.newbyteorder("<"), shape) for name, (dt, shape) in self.fields().items()])
+
     def fields(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """field name -> (numpy dtype, per-sample shape), in storage order."""
         if self.top_k is None:
@@ -179,7 +198,7 @@ class Layout:
         k = int(self.top_k)
         out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         for t in TARGETS:
-            out[f"{t}_topk_idx"] = (np.dtype(np.int32), (k,))
+            out[f"{t}_topk_idx"] = (self.index_dtype, (k,))
             out[f"{t}_topk_val"] = (self.np_dtype, (k,))
             out[f"{t}_tail"] = (np.dtype(np.float32), ())
         return out
@@ -213,7 +232,7 @@ class Layout:
         out = {}
         for t, logp in (("generalist", _log_softmax(g)), ("ensemble", e)):
             idx, val, tail = _topk(logp, int(self.top_k))
-            out[f"{t}_topk_idx"] = idx
+            out[f"{t}_topk_idx"] = idx.astype(self.index_dtype)
             out[f"{t}_topk_val"] = val.astype(self.np_dtype)
             out[f"{t}_tail"] = tail
         return out
@@ -321,9 +340,9 @@ def write_webdataset(path: str, keys: Sequence[str], labels: Optional[np.ndarray
     """One cache shard as a self-contained WebDataset tar at local `path`.
 
     Members per sample: KEY.cls (when labelled), KEY.input.npy (when `inputs` is given) and
-    KEY.{field}.npy per dense field, or KEY.{target}_topk.npy per target for top-k (see the module
-    docstring). Each .npy is its field's fixed header plus the row's bytes, so writing needs no
-    per-sample `np.save`.
+    KEY.targets.npy, one structured record of all the sample's target fields (see the module
+    docstring). Each .npy is a fixed header plus the row's bytes, so writing needs no per-sample
+    `np.save`.
     """
     n = len(keys)
     y = _labels_or_none(labels, n)
@@ -337,12 +356,7 @@ def write_webdataset(path: str, keys: Sequence[str], labels: Optional[np.ndarray
         arr = np.ascontiguousarray(fields[name])
         if arr.shape != (n, *shape):
             raise ValueError(f"field {name} has shape {arr.shape}, expected {(n, *shape)}")
-    if layout.top_k is None:
-        for name in layout.fields():
-            arrays[f"{name}.npy"] = np.ascontiguousarray(fields[name])
-    else:
-        for t in TARGETS:
-            arrays[f"{t}_topk.npy"] = _pack_topk(fields, t, layout)
+    arrays["targets.npy"] = _pack_targets(fields, layout, n)
     members = []  # (suffix, .npy header, (N, row bytes) body)
     for m, a in arrays.items():
         body = np.ascontiguousarray(a).view(np.uint8).reshape(n, a.dtype.itemsize * int(np.prod(a.shape[1:])))
@@ -507,17 +521,11 @@ def _publishing(uri: str) -> Iterator[str]:
             os.unlink(tmp)
 
 
-def _topk_record_dtype(layout: Layout) -> np.dtype:
-    k = int(layout.top_k)  # type: ignore[arg-type]
-    return np.dtype([("idx", "<i4", (k,)), ("val", layout.np_dtype.newbyteorder("<"), (k,)), ("tail", "<f4")])
-
-
-def _pack_topk(fields: dict[str, np.ndarray], target: str, layout: Layout) -> np.ndarray:
-    """One structured record per sample (idx, val, tail): one tar member instead of three, each
-    member costing at least 1 KiB of tar blocks."""
-    rec = np.zeros(len(fields[f"{target}_tail"]), dtype=_topk_record_dtype(layout))
-    rec["idx"], rec["val"], rec["tail"] = (fields[f"{target}_topk_idx"], fields[f"{target}_topk_val"],
-                                           fields[f"{target}_tail"])
+def _pack_targets(fields: dict[str, np.ndarray], layout: Layout, n: int) -> np.ndarray:
+    """(n,) records of `layout.record_dtype()`: all of a sample's targets in one tar member."""
+    rec = np.empty(n, dtype=layout.record_dtype())
+    for name in layout.fields():
+        rec[name] = fields[name]
     return rec
 
 
@@ -655,9 +663,14 @@ def read_webdataset(source: Any) -> dict[str, np.ndarray]:
 
 
 def _put_member(out: dict[str, np.ndarray], name: str, arr: np.ndarray) -> None:
-    """Store a decoded member under its field name(s): `input` -> "inputs"; a structured top-k
-    record -> its idx/val/tail fields."""
-    if name.endswith("_topk") and arr.dtype.names:
+    """Store a decoded member under its field name(s): `input` -> "inputs"; the structured
+    `targets` record -> one array per field; a format-1 structured top-k record -> its
+    idx/val/tail fields."""
+    if name == "targets" and arr.dtype.names:
+        for part in arr.dtype.names:
+            sub = np.ascontiguousarray(arr[part])
+            out[part] = sub.astype(sub.dtype.newbyteorder("="), copy=False)
+    elif name.endswith("_topk") and arr.dtype.names:
         for part in arr.dtype.names:  # idx, val, tail
             sub = np.ascontiguousarray(arr[part])
             out[f"{name}_{part}" if part != "tail" else f"{name[:-5]}_tail"] = sub.astype(sub.dtype.newbyteorder("="))

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +75,7 @@ def test_topk_holds_the_largest_classes_and_the_exact_tail():
     f = layout.encode(g, e)
     for t, logp in (("generalist", g - np.log(np.exp(g).sum(1, keepdims=True))), ("ensemble", e)):
         idx, val, tail = f[f"{t}_topk_idx"], f[f"{t}_topk_val"], f[f"{t}_tail"]
-        assert idx.shape == (40, 5) and idx.dtype == np.int32
+        assert idx.shape == (40, 5) and idx.dtype == np.int16  # C <= 32767: 2 bytes per index
         want = np.argsort(-logp, axis=1)[:, :5]
         assert np.array_equal(idx, want)
         np.testing.assert_allclose(val, np.take_along_axis(logp, want, 1), atol=1e-5)
@@ -183,8 +184,73 @@ def test_webdataset_cache_is_readable_by_the_webdataset_library(tmp_path):
         assert s["__key__"] == f"train_{i:08d}"
         assert int(s["cls"]) == y[i]
         assert np.array_equal(s["input.npy"], x[i])
-        assert np.array_equal(s["generalist_logits.npy"], g[i])
-        assert np.array_equal(s["ensemble_logprobs.npy"], e[i])
+        assert np.array_equal(s["targets.npy"]["generalist_logits"], g[i])
+        assert np.array_equal(s["targets.npy"]["ensemble_logprobs"], e[i])
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_webdataset_holds_one_member_per_sample_for_all_targets(tmp_path, top_k):
+    """Targets cost one tar member per sample (a 512-byte header + data in 512-byte blocks), not one
+    per field: with labels and inputs that is 3 members per sample, and the record's dtype is the
+    layout's fields in order."""
+    n = 11
+    layout = cache.Layout(NUM_CLASSES, "float16", top_k)
+    g, e = _outputs(n)
+    fields = layout.encode(g, e)
+    x = np.random.default_rng(0).normal(size=(n, 5)).astype(np.float32)
+    cache.write_cache_shard(str(tmp_path), "train-000000", ["webdataset"], layout,
+                            [f"train_{i:08d}" for i in range(n)], np.arange(n) % NUM_CLASSES, fields, inputs=x)
+    with tarfile.open(str(tmp_path / "train-000000.tar")) as tar:
+        names = tar.getnames()
+        rec = np.load(io.BytesIO(tar.extractfile(names[2]).read()), allow_pickle=False)
+    assert len(names) == 3 * n
+    assert [nm.split(".", 1)[1] for nm in names[:3]] == ["cls", "input.npy", "targets.npy"]
+    assert rec.shape == () and rec.dtype == layout.record_dtype() and list(rec.dtype.names) == list(layout.fields())
+    for name in layout.fields():
+        assert np.array_equal(rec[name], fields[name][0])
+    size = os.path.getsize(tmp_path / "train-000000.tar")
+    one = 512 + -(-(128 + layout.record_dtype().itemsize) // 512) * 512
+    assert size <= n * (1024 + 512 + -(-(128 + 20) // 512) * 512 + one) + 10240  # cls + input + targets
+
+
+def test_topk_indices_are_int32_only_when_int16_cannot_hold_them():
+    assert cache.Layout(32767, "float16", 8).fields()["ensemble_topk_idx"][0] == np.int16
+    big = cache.Layout(40000, "float16", 3)
+    assert big.fields()["ensemble_topk_idx"][0] == np.int32
+    g = np.zeros((2, 40000), np.float32)
+    g[:, 39999] = 5.0
+    f = big.encode(g, _log_softmax_np(g))
+    assert f["generalist_topk_idx"].dtype == np.int32 and (f["generalist_topk_idx"][:, 0] == 39999).all()
+    assert f["generalist_topk_val"].dtype == np.float16
+
+
+def _log_softmax_np(z):
+    m = z.max(1, keepdims=True)
+    return (z - m - np.log(np.exp(z - m).sum(1, keepdims=True))).astype(np.float32)
+
+
+def test_format_1_shards_still_read_and_format_1_caches_ask_for_regen(tmp_path):
+    """Version 1 wrote one member per field; its shards still decode to the same keys, and a cache
+    whose manifest says version 1 is refused with the command that rebuilds it."""
+    n = 4
+    g, e = _outputs(n)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            for sfx, arr in (("generalist_logits.npy", g[i].astype(np.float16)),
+                             ("ensemble_logprobs.npy", e[i].astype(np.float16))):
+                b = io.BytesIO()
+                np.save(b, arr)
+                info = tarfile.TarInfo(f"train_{i:08d}.{sfx}")
+                info.size = len(b.getvalue())
+                tar.addfile(info, io.BytesIO(b.getvalue()))
+    got = cache.read_webdataset(buf.getvalue())
+    assert list(got["keys"]) == [f"train_{i:08d}" for i in range(n)]
+    assert np.array_equal(got["generalist_logits"], g.astype(np.float16))
+    assert np.array_equal(got["ensemble_logprobs"], e.astype(np.float16))
+    storage.write_json_atomic(str(tmp_path / "manifest.json"), {"kind": cache.KIND, "format_version": 1})
+    with pytest.raises(UserError, match=r"format version 1.*regen"):
+        cache.read_manifest(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------
