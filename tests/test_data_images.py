@@ -163,3 +163,28 @@ def test_image_shards_are_read_by_webdataset(tmp_path):
     samples = list(wds.WebDataset(shard, shardshuffle=False).decode("pil").to_tuple("png", "cls"))
     assert len(samples) == m["splits"]["train"]["num_samples"]
     assert samples[0][0].size == (12, 10) and isinstance(samples[0][1], int)
+
+
+@pytest.mark.s3
+def test_an_image_folder_in_a_bucket_gives_the_same_shards_as_on_disk(s3_bucket, tmp_path, capsys):
+    from _data_helpers import make_image_folder
+    from PIL import Image
+
+    from pipeline import storage
+
+    make_image_folder(tmp_path / "imgs", per_class=(6, 2), size=(12, 10), mode="RGB")
+    Image.fromarray(np.zeros((20, 14, 3), np.uint8)).save(tmp_path / "imgs" / "train" / "cat" / "big.jpg")
+    fs, _ = storage.get_fs(s3_bucket)
+    fs.put(str(tmp_path / "imgs"), f"{s3_bucket[5:]}/raw", recursive=True)
+    src = f"{s3_bucket}/raw"
+    assert storage.isdir(f"{src}/train/cat")
+    local = ingest(str(tmp_path / "imgs"), str(tmp_path / "ds"), "folder", shard_size=8, progress=False)
+    remote = ingest(src, f"{s3_bucket}/ds", "folder", shard_size=8, progress=False)
+    sha = lambda m: [s["sha256"] for v in m["splits"].values() for s in v["shards"]]  # noqa: E731
+    assert sha(local) == sha(remote) and remote["image_formats"] == {"jpeg": 1, "png": 24}
+    assert verify_dataset(f"{s3_bucket}/ds", progress=False)["ok"]
+    # a corrupt object in the bucket is named by its s3:// URI
+    fs.pipe(f"{s3_bucket[5:]}/raw/test/dog/bad.png", b"junk")
+    code, _, err = run_cli(["data", "ingest", src, f"{s3_bucket}/ds2", "--format", "folder"], capsys)
+    assert code == 2 and f"{src}/test/dog/bad.png: not an image format" in err
+    assert not storage.exists(f"{s3_bucket}/ds2/manifest.json")
