@@ -164,7 +164,8 @@ def make_batch_transform(augment_cfg: Any, manifest: dict, train: bool, seed: in
 
     The batch is a dict of numpy arrays: "image" (1-D object array of encoded bytes) or "x"
     (uint8 (N, C, H, W), or float32 vectors which pass through), plus "key" (str array; needed
-    when train augmentation is on) and "y". Returned: the same dict with "x" a uint8 (N, C, H, W)
+    when train augmentation is on) and "y". `epoch` (the pass) seeds the views; when it is None,
+    a per-row "epoch" column is used if the batch has one (rows of several passes), else 0. Returned: the same dict with "x" a uint8 (N, C, H, W)
     array of `output_shape(augment_cfg, manifest)` and "image" removed; other entries are kept.
     """
     import torch
@@ -177,7 +178,7 @@ def make_batch_transform(augment_cfg: Any, manifest: dict, train: bool, seed: in
     random = train and bool(cfg.get("random_resized_crop") or cfg.get("hflip"))
     min_side = None if random else (cfg.get("resize") or max(out_shape[1:]) if len(out_shape) == 3 else None)
 
-    def transform(batch: Batch, epoch: int = 0) -> Batch:
+    def transform(batch: Batch, epoch: Optional[int] = None) -> Batch:
         out = dict(batch)
         if "image" in out:
             images = [decode_image(b, channels, min_side) for b in out.pop("image")]
@@ -191,7 +192,11 @@ def make_batch_transform(augment_cfg: Any, manifest: dict, train: bool, seed: in
             if "key" not in out:
                 raise ValueError("make_batch_transform: train augmentation needs the batch's 'key' column")
             keys = [str(k) for k in np.asarray(out["key"]).tolist()]
-            rngs = [sample_seed(seed, k, epoch) for k in keys]
+            if epoch is None:  # per-row passes (a training stream's "epoch" column), else epoch 0
+                epochs = np.asarray(out["epoch"]).tolist() if "epoch" in out else [0] * n
+            else:
+                epochs = [int(epoch)] * n
+            rngs = [sample_seed(seed, k, e) for k, e in zip(keys, epochs)]
         else:
             rngs = [None] * n
         res = np.empty((n, *out_shape), dtype=np.uint8)

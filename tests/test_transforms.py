@@ -65,6 +65,11 @@ def test_train_augmentation_is_seeded_reproducible_and_new_each_epoch():
     # per sample, not per batch position: a sample gets its view whatever batch it is in
     sub = {k: v[3:] for k, v in batch.items()}
     np.testing.assert_array_equal(fn(sub, 0)["x"], a0[3:])
+    # rows of several passes in one batch: the per-row "epoch" column
+    mixed = dict(batch, epoch=np.array([0, 1, 0, 1, 0, 1]))
+    got = fn(mixed)["x"]
+    for i in range(6):
+        np.testing.assert_array_equal(got[i], (a0 if i % 2 == 0 else a1)[i])
 
 
 def test_augmentation_is_off_for_evaluation():
