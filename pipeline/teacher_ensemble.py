@@ -9,12 +9,14 @@ say which teacher produced a cache (`pipeline.cache.teacher_fingerprints`) from 
 
 Only the specialists a batch needs run, and only on the rows that need them: with top-1 and disjoint
 subsets each sample activates at most one specialist, so the ensemble costs about two forward passes
-per sample instead of 1 + M. Plain torch, no Ray (the Ray Data job is `pipeline.stages.targets`).
+per sample instead of 1 + M. Plain torch, no Ray (the Ray Data jobs are `pipeline.stages.targets` and
+`pipeline.inference`). The same class scores the ensemble on test (`pipeline.inference`, used by the
+specialists stage), so the reported ensemble error and the cached targets come from one code path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -22,7 +24,7 @@ from pipeline import storage
 from pipeline.cache import teacher_fingerprints
 from pipeline.errors import UserError
 
-# Run-directory names fixed by notes/STAGES.md (the cluster and specialists stages write them). They
+# Run-directory names (the cluster and specialists stages write them). They
 # are read here without importing those stages, which import torch: planning a regeneration (and
 # finding that nothing changed) needs only JSON, never the weights.
 SUBSETS_FILE = "specialists.json"
@@ -141,14 +143,59 @@ def resolve_from_config(cfg) -> TeacherSpec:
     return resolve_teacher(teacher_uri, uris, sc.top_n, sc.combine_method, sc.combine_iters, subsets)
 
 
+class EnsembleOutputs(NamedTuple):
+    """One batch through the teacher, on its device: generalist logits (B, C) float32, ensemble
+    log-probabilities (B, C) float32, which specialists are active (B, M) bool, and each
+    specialist's raw logits (B, |S^m| + 1) float32 (zero on rows where it did not run)."""
+
+    generalist: "torch.Tensor"
+    log_q: "torch.Tensor"
+    active: Optional["torch.Tensor"]
+    specialists: list
+
+
+def autocast_dtype(precision: str, device: Any):
+    """The autocast dtype for `precision` ("auto", "bf16", "fp32") on `device`, or None (fp32).
+    bf16 only on CUDA: CPU autocast is slower than fp32 for these models."""
+    import torch
+
+    if str(precision) in ("auto", "bf16") and torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def model_inputs(x: Any, device: Any) -> "torch.Tensor":
+    """A batch as the models take it, on `device`: uint8 stays uint8 across the copy (a quarter of
+    the bytes of float32) and is scaled there (`pipeline.models.prepare_inputs`)."""
+    import warnings
+
+    import torch
+
+    from pipeline.models import prepare_inputs
+
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # Ray Data hands read-only arrays; nothing writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.as_tensor(x)
+    elif not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    device = torch.device(device)
+    if x.device != device:
+        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    return prepare_inputs(x)
+
+
 class TeacherEnsemble:
     """Generalist + specialists, in eval mode on one device; call it on input batches.
 
     `ensemble(x)` -> (generalist logits, ensemble log-probabilities), both (B, C) float32 tensors on
-    the CPU; x is any batch `prepare_inputs` accepts (uint8 images, float vectors).
+    the CPU; x is any batch `prepare_inputs` accepts (uint8 images, float vectors). `outputs(x)` is
+    the same pass with everything left on the device (the targets stage's top-k, evaluation).
+    `precision` ("auto", "bf16", "fp32"): bf16 autocast of the forward passes on CUDA (auto/bf16);
+    the combination always runs in float64/float32.
     """
 
-    def __init__(self, spec: TeacherSpec, device: Any = "cpu"):
+    def __init__(self, spec: TeacherSpec, device: Any = "cpu", precision: str = "fp32"):
         import torch
 
         from pipeline.models import load_checkpoint
@@ -156,6 +203,7 @@ class TeacherEnsemble:
 
         self.spec = spec
         self.device = torch.device(device)
+        self.autocast = autocast_dtype(precision, self.device)
         self.generalist, g_meta = load_checkpoint(spec.generalist_uri, map_location=self.device)
         if g_meta["sha256"] != spec.generalist_meta["sha256"]:
             raise UserError(f"{spec.generalist_uri}: the checkpoint changed while targets were being planned; rerun regen")
@@ -169,31 +217,48 @@ class TeacherEnsemble:
         self.corrections = spec.corrections
         self.sidx = SubsetIndex(spec.subsets, self.num_classes, self.device) if spec.subsets else None
 
-    def __call__(self, x: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def _forward(self, model, x):
         import torch
 
-        from pipeline.models import prepare_inputs
+        if self.autocast is None:
+            return model(x).float()
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return model(x).float()
+
+    def outputs(self, x: Any, all_specialists: bool = False) -> EnsembleOutputs:
+        """The teacher on one batch, results on the device. By default a specialist runs only on
+        the rows it is active for (combine never reads the others); `all_specialists` runs every
+        specialist on every row, for evaluations that score the specialists on their own."""
+        import torch
+
         from specialists.combine import active_mask, combine
 
         with torch.no_grad():
-            xt = prepare_inputs(x).to(self.device, non_blocking=True)
-            g = self.generalist(xt).float()
+            xt = model_inputs(x, self.device)
+            g = self._forward(self.generalist, xt)
             if self.sidx is None:
-                return g.cpu(), torch.log_softmax(g, dim=1).cpu()
+                return EnsembleOutputs(g, torch.log_softmax(g, dim=1), None, [])
             log_pg = torch.log_softmax(g.double(), dim=1)
             active = active_mask(log_pg, self.sidx, self.spec.top_n)
             spec_logits = []
             for m, model in enumerate(self.specialists):
+                if all_specialists:
+                    spec_logits.append(self._forward(model, xt))
+                    continue
                 z = torch.zeros(g.shape[0], int(self.sidx.sizes[m]) + 1, dtype=torch.float32, device=self.device)
                 rows = active[:, m].nonzero().squeeze(1)
                 if rows.numel():
                     # Inactive rows are never read by combine: run the specialist only where needed.
-                    z[rows] = model(xt if rows.numel() == g.shape[0] else xt[rows]).float()
+                    z[rows] = self._forward(model, xt if rows.numel() == g.shape[0] else xt[rows])
                 spec_logits.append(z)
         # Outside no_grad: the "gradient" method optimises q with autograd.
         log_q = combine(g, spec_logits, self.sidx, top_n=self.spec.top_n, method=self.spec.method,
                         iters=self.spec.iters, dustbin_corrections=self.corrections, active=active)
-        return g.cpu(), log_q.detach().float().cpu()
+        return EnsembleOutputs(g, log_q.detach().float(), active, spec_logits)
+
+    def __call__(self, x: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+        out = self.outputs(x)
+        return out.generalist.cpu(), out.log_q.cpu()
 
     def predict(self, x: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(generalist logits, ensemble log-probs) as float32 numpy (N, C), in batches."""

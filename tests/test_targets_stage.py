@@ -1,7 +1,8 @@
 """The targets stage on Ray Data: regeneration cases, the CLI, SIGKILL mid-write, S3.
 
-These run the product path (an actor pool of `ShardWriter`s under Ray Data, or the `distill` CLI in
-a subprocess that starts its own Ray), so they are marked slow.
+These run the product path (Ray Data: read tasks -> `TargetsWorker` model replicas -> the
+`ShardAssembler` writer, or the `distill` CLI in a subprocess that starts its own Ray), so they are
+marked slow.
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ def test_regen_cases_on_ray(ray_local, tmp_path):
     # Each shard is reported once as it arrives, with the replica's own timings (what bench_cache reads).
     assert sorted(name for name, _, _ in seen) == [f"train-{i:06d}" for i in range(6)]
     for _, seconds, timing in seen:
-        assert seconds > 0 and min(timing["read"], timing["infer"], timing["write"]) >= 0
+        assert seconds > 0 and timing["infer"] > 0 and timing["write"] >= 0
         assert started < timing["finished_at"] <= time.time()
-    assert 1 <= len({t["worker"] for _, _, t in seen}) <= 2
+    assert len({t["worker"] for _, _, t in seen}) == 1  # one writer puts every shard back together
     # Ray Data wrote what the in-process writer writes (same teacher, same inputs).
     local = make_config(str(tmp_path / "run"), uri=str(tmp_path / "local_cache"))
     targets.regenerate(local, progress=False, use_ray=False, write_marker=False)

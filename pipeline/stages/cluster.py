@@ -1,8 +1,9 @@
 """Stage `cluster`: which classes each specialist covers (Hinton et al. 2015, section 5.3).
 
-The generalist predicts on the held-out val split; the covariance of its predicted probabilities is
-accumulated batch by batch (`specialists.clustering.CovarianceAccumulator`, never all predictions in
-memory) and its columns are clustered with on-line k-means (`cluster_classes`). No labels are used
+The generalist predicts on the held-out val split on Ray workers (`pipeline.inference`: an actor
+pool streams the split, each batch returns the sums n, sum p and sum p p^T of its predicted
+probabilities, which the driver adds up, float64); the covariance of the predictions follows from
+those sums and its columns are clustered with on-line k-means (`cluster_classes`). No labels are used
 for the clustering itself; they only score the generalist and, on synthetic data, the clusters
 against the true confusable groups (adjusted Rand index).
 
@@ -11,20 +12,20 @@ Writes under `cluster/`:
     covariance.png    the covariance, classes reordered by cluster, each cluster outlined
     metrics.json      subset sizes, coverage, generalist val error, ARI (when the data has groups)
 
-Inference of one model on val is cheap, so this stage runs in the driver without Ray.
+The driver holds the C x C sums, never the predictions. `inference:` sets the replicas (GPUs on a
+cluster); `cluster.batch_size` the rows per model call.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
 
-NEEDS_RAY = False
+NEEDS_RAY = True
 SUBSETS_FILE = "specialists.json"
 PLOT_FILE = "covariance.png"
 # Above this many classes the heatmap shows block averages: a C x C image at JFT's 15,000 classes
@@ -53,23 +54,24 @@ def read_subsets(cfg: Config) -> list[list[int]]:
     return [[int(c) for c in s] for s in subsets]
 
 
-def load_generalist(cfg: Config):
-    """(model, meta) of the teacher stage's checkpoint, with a clear error if it is missing."""
-    from pipeline.models import load_checkpoint
+def generalist_meta(cfg: Config) -> dict:
+    """The teacher stage's model.json (the weights are loaded by the inference workers), with a
+    clear error if it is missing."""
+    from pipeline.models import read_checkpoint_meta
 
     uri = cfg.stage_uri("teacher")
     if not storage.exists(storage.join(uri, "model.json")):
         raise UserError(f"{uri}: no generalist checkpoint (model.json); run `distill stage teacher CONFIG` first")
-    return load_checkpoint(uri)
+    return read_checkpoint_meta(uri)
 
 
 def run(cfg: Config) -> dict:
-    from pipeline.data.shards import load_split, read_manifest
+    from pipeline.data.shards import read_manifest
     from pipeline.runner import log
-    from specialists.clustering import CovarianceAccumulator, adjusted_rand, cluster_classes
+    from specialists.clustering import adjusted_rand, cluster_classes
 
     cc = cfg.cluster
-    model, meta = load_generalist(cfg)
+    meta = generalist_meta(cfg)
     data_uri = cfg.stage_uri("data")
     manifest = read_manifest(data_uri)
     num_classes = int(meta["num_classes"])
@@ -84,26 +86,19 @@ def run(cfg: Config) -> dict:
                         f"(the data has {num_classes} classes); use at most {num_classes - 1}")
     class_names = list(manifest.get("class_names") or [str(c) for c in range(num_classes)])
 
-    x, y, _ = load_split(data_uri, "val")
-    if y is not None and (np.asarray(y) < 0).any():
-        y = None  # unlabelled val: the clustering needs no labels, only the error report does
-    if len(x) == 0:
+    from pipeline import datasets, inference
+
+    val_rows = datasets.num_samples(datasets.split_items(data_uri, "val", manifest, verify=False))
+    if val_rows == 0:
         raise UserError(f"{data_uri}: the val split is empty; the clustering needs held-out predictions "
                         "(raise data.val_fraction and re-ingest)")
-    log(f"cluster: generalist predictions on {len(x)} val samples, {num_classes} classes")
-    acc = CovarianceAccumulator(num_classes)
-    errors = 0
-    from pipeline.models import prepare_inputs
-
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(x), cc.batch_size):
-            logits = model(prepare_inputs(x[start:start + cc.batch_size])).double()
-            acc.update(torch.softmax(logits, 1).numpy())
-            if y is not None:
-                errors += int((logits.argmax(1).numpy() != np.asarray(y[start:start + cc.batch_size])).sum())
-    cov = acc.covariance()
-    del acc
+    log(f"cluster: generalist predictions on {val_rows} val samples, {num_classes} classes (Ray workers)")
+    stats = inference.generalist_statistics(cfg.stage_uri("teacher"), data_uri, "val",
+                                            **{**inference.options(cfg), "batch_size": cc.batch_size})
+    cov = stats["covariance"]
+    # Unlabelled val: the clustering needs no labels, only the error report does.
+    labelled = stats["n"] == stats["rows"]
+    errors = stats["errors"]
 
     subsets = cluster_classes(cov, cc.num_specialists, subset_size=cc.subset_size, min_size=cc.min_size,
                               max_size=cc.max_size, seed=cc.seed, self_similarity=cc.self_similarity)
@@ -127,9 +122,9 @@ def run(cfg: Config) -> dict:
         "subset_sizes": [len(s) for s in subsets],
         "classes_covered": len(covered),
         "coverage": len(covered) / num_classes,
-        "val_samples": int(len(x)),
-        "val_error": errors / len(x) if y is not None else None,
-        "val_errors": errors if y is not None else None,
+        "val_samples": int(stats["rows"]),
+        "val_error": errors / stats["rows"] if labelled else None,
+        "val_errors": errors if labelled else None,
     }
     groups = manifest.get("class_groups")
     if groups is not None:

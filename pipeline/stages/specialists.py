@@ -61,7 +61,7 @@ def specialist_fingerprint(cfg: Config, subset: Sequence[int], teacher_sha: str)
     from pipeline.runner import marker_fingerprint
 
     train = {k: getattr(cfg.specialists, k) for k in TRAIN_KEYS}
-    return section_fingerprint("specialist-v1", train, [int(c) for c in subset], teacher_sha,
+    return section_fingerprint("specialist-v2", train, [int(c) for c in subset], teacher_sha,
                                marker_fingerprint(cfg, "data"), cfg.seed)
 
 
@@ -73,15 +73,44 @@ def spec_uri(cfg: Config, m: int) -> str:
 # The trial body (runs in a Ray worker)
 
 
-def load_labelled(data_uri: str, split: str) -> tuple[Any, np.ndarray]:
-    from pipeline.data.shards import load_split
+def train_class_counts(data_uri: str, num_classes: int) -> np.ndarray:
+    """(C,) training samples per class: from the dataset manifest, else one labels-only streamed pass."""
+    from pipeline import datasets
 
-    x, y, _ = load_split(data_uri, split)
-    if len(y) == 0:
-        raise UserError(f"{data_uri}: split '{split}' is empty; the specialists need labelled train, val and test data")
-    if y is None or (np.asarray(y) < 0).any():
-        raise UserError(f"{data_uri}: split '{split}' has no labels; specialists train and early-stop on labelled data")
-    return x, np.asarray(y).astype(np.int64, copy=False)
+    counts = datasets.class_counts(data_uri, "train")
+    if counts is None:
+        counts = np.zeros(int(num_classes), dtype=np.int64)
+        for b in datasets.read_split(data_uri, "train").select_columns(["y"]).iter_batches(batch_size=65536):
+            y = np.asarray(b["y"])
+            if (y < 0).any():
+                raise UserError(f"{data_uri}: split 'train' has unlabelled samples; specialists train on labels")
+            counts += np.bincount(y, minlength=int(num_classes))[: int(num_classes)]
+    if counts.sum() == 0:
+        raise UserError(f"{data_uri}: split 'train' is empty; the specialists need labelled train, val and test data")
+    return np.asarray(counts, dtype=np.int64)
+
+
+def _streams(job: dict, seed: int, device: Any):
+    """(epoch -> chunks of one shuffled pass over train, () -> val batches), both Ray Data streams:
+    the trial never holds a split."""
+    from pipeline import datasets
+
+    loader = job["loader"]
+    train = datasets.split_items(job["data_uri"], "train")
+    val = datasets.from_items(datasets.group_items(datasets.split_items(job["data_uri"], "val"), loader["group_rows"]),
+                              loader["read_cpus"], loader["read_concurrency"])
+    collate = datasets.Collate(device)
+
+    def epoch_chunks(e: int):
+        ds = datasets.training_stream(train, e, e + 1, seed, loader["read_cpus"], loader["read_concurrency"],
+                                      loader["group_rows"])
+        return ds.iter_torch_batches(batch_size=int(loader["chunk_rows"]), collate_fn=collate,
+                                     prefetch_batches=int(loader["prefetch_chunks"]))
+
+    def val_batches():
+        return val.iter_torch_batches(batch_size=4096, collate_fn=collate)
+
+    return epoch_chunks, val_batches
 
 
 def _maybe_fail(job: dict, m: int) -> None:
@@ -112,17 +141,16 @@ def _trainable(config: dict, job: dict) -> None:
     threads = max(1, int(job["cpus"]))
     torch.set_num_threads(threads)
     device = "cuda" if job["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    x_train, y_train = load_labelled(job["data_uri"], "train")
-    x_val, y_val = load_labelled(job["data_uri"], "val")
+    seed = job["seed"] * 1000 + m
+    epoch_chunks, val_batches = _streams(job, seed, device)
 
     def report(row: dict) -> None:
         tune.report({"m": m, **row})
         _maybe_fail(job, m)
 
     metrics = train_specialist(
-        job["teacher_uri"], job["subsets"][m], x_train, y_train, x_val, y_val, job["train_cfg"],
-        out_uri, fingerprint=job["fingerprints"][m],
-        seed=job["seed"] * 1000 + m, report=report, device=device,
+        job["teacher_uri"], job["subsets"][m], epoch_chunks, val_batches, job["class_counts"], job["train_cfg"],
+        out_uri, fingerprint=job["fingerprints"][m], seed=seed, report=report, device=device,
         # node_id: which Ray node trained it (spread across the cluster; checked by test_multinode).
         extra={"index": m, "class_names": job["class_names"][m],
                "node_id": ray.get_runtime_context().get_node_id()},
@@ -183,6 +211,12 @@ def _parallel_slots(sc) -> int:
     return min(slots, sc.max_concurrent) if sc.max_concurrent else slots
 
 
+def _num_classes(cfg: Config) -> int:
+    from pipeline.data.shards import read_manifest
+
+    return int(read_manifest(cfg.stage_uri("data"))["num_classes"])
+
+
 def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]], todo: list[int],
               fingerprints: list[str]) -> dict:
     """Train specialists `todo` as parallel Tune trials; returns timing info. Raises if any fails."""
@@ -198,6 +232,8 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
         "data_uri": cfg.stage_uri("data"), "teacher_uri": cfg.stage_uri("teacher"), "out_uri": out,
         "subsets": subsets, "class_names": class_names, "fingerprints": fingerprints,
         "train_cfg": sc.train_dict(), "seed": cfg.seed, "cpus": sc.cpus_per_specialist, "gpus": sc.gpus_per_specialist,
+        "loader": cfg.data.loader.model_dump(),
+        "class_counts": train_class_counts(cfg.stage_uri("data"), _num_classes(cfg)).tolist(),
         "fail": {"specialists": [int(v) for v in fail_list.split(",") if v.strip()],
                  "once_dir": os.environ.get(FAIL_ONCE_ENV) or None} if fail_list else None,
     }
@@ -294,104 +330,63 @@ def run(cfg: Config) -> dict:
 # Evaluation
 
 
-def load_specialists(cfg: Config, num: int) -> list[tuple[torch.nn.Module, dict]]:
-    from pipeline.models import load_checkpoint
-
-    return [load_checkpoint(spec_uri(cfg, m)) for m in range(num)]
-
-
 def table4(y: np.ndarray, subsets: Sequence[Sequence[int]], num_classes: int,
            generalist_correct: np.ndarray, ensemble_correct: np.ndarray) -> list[dict]:
-    """The paper's Table 4: test examples grouped by how many specialists cover their true class."""
-    coverage = np.zeros(num_classes, dtype=np.int64)
-    for s in subsets:
-        coverage[np.asarray(s)] += 1
-    covered_by = coverage[y]
-    rows = []
-    for n in sorted(set(covered_by.tolist())):
-        sel = covered_by == n
-        g, e = int(generalist_correct[sel].sum()), int(ensemble_correct[sel].sum())
-        rows.append({
-            "covered_by": n, "num_test_examples": int(sel.sum()),
-            "generalist_correct": g, "ensemble_correct": e, "delta_correct": e - g,
-            "generalist_accuracy": g / int(sel.sum()), "ensemble_accuracy": e / int(sel.sum()),
-            "relative_accuracy_change": (e - g) / g if g else None,
-        })
-    return rows
+    """The paper's Table 4 for in-memory results: test examples grouped by how many specialists
+    cover their true class (the streaming evaluation builds the same rows from merged counts)."""
+    from pipeline.inference import EnsembleLayout, table4_rows
+
+    covered = EnsembleLayout([list(s) for s in subsets], [0.0] * len(subsets), num_classes).coverage[np.asarray(y)]
+    bins = len(subsets) + 1
+    return table4_rows(np.bincount(covered, minlength=bins),
+                       np.bincount(covered[np.asarray(generalist_correct, bool)], minlength=bins),
+                       np.bincount(covered[np.asarray(ensemble_correct, bool)], minlength=bins))
 
 
-def evaluate_on_test(cfg: Config, subsets: list[list[int]], class_names: list[list[str]],
-                     chunk: int = 4096) -> dict:
-    """Generalist vs generalist + specialists on the test split (see module doc)."""
-    from pipeline.models import count_params, load_checkpoint
+def evaluate_on_test(cfg: Config, subsets: list[list[int]], class_names: list[list[str]]) -> dict:
+    """Generalist vs generalist + specialists on the test split (see module doc).
+
+    Runs on Ray workers (`pipeline.inference.evaluate_ensemble`, settings from `inference:`), with
+    the `TeacherEnsemble` that writes the soft-target cache: the reported ensemble error and the
+    cached targets come from the same code. Per-batch counts are merged; nothing of size N is held.
+    """
+    from pipeline import inference
     from pipeline.runner import log
     from pipeline.specialist_training import METRICS_FILE as SPEC_METRICS
-    from pipeline.training import predict_logits
-    from specialists.combine import SubsetIndex, active_mask, combine
+    from pipeline.teacher_ensemble import resolve_from_config
 
     sc = cfg.specialists
-    x, y = load_labelled(cfg.stage_uri("data"), "test")
-    generalist, g_meta = load_checkpoint(cfg.stage_uri("teacher"))
-    num_classes = int(g_meta["num_classes"])
-    log(f"specialists: scoring the ensemble on {len(y)} test samples")
-    g_logits = predict_logits(generalist, x)
-    specs = load_specialists(cfg, len(subsets))
-    corrections = [float(meta["extra"]["dustbin_correction"]) for _, meta in specs]
-    s_logits = [predict_logits(model, x) for model, _ in specs]
-    sidx = SubsetIndex(subsets, num_classes)
-    preds, n_active = [], []
-    active_per_spec = np.zeros(len(subsets), dtype=np.int64)
-    for start in range(0, len(y), chunk):
-        sl = slice(start, start + chunk)
-        g = g_logits[sl]
-        act = active_mask(torch.log_softmax(g.double(), 1), sidx, sc.top_n)
-        log_q = combine(g, [z[sl] for z in s_logits], sidx, top_n=sc.top_n, method=sc.combine_method,
-                        iters=sc.combine_iters, dustbin_corrections=corrections, active=act)
-        preds.append(log_q.argmax(1).numpy())
-        n_active.append(act.sum(1).numpy())
-        active_per_spec += act.sum(0).numpy()
-    ens_pred = np.concatenate(preds)
-    n_active_all = np.concatenate(n_active)
-    gen_pred = g_logits.argmax(1).numpy()
-    gen_ok, ens_ok = gen_pred == y, ens_pred == y
-    n = len(y)
-
+    data_uri = cfg.stage_uri("data")
+    spec = resolve_from_config(cfg)
+    if spec.subsets != [[int(c) for c in s] for s in subsets]:
+        raise UserError(f"{cfg.stage_uri('specialists')}: the specialists' subsets differ from the cluster stage's; "
+                        "re-run `distill stage specialists CONFIG`")
+    log(f"specialists: scoring the ensemble on the test split ({len(subsets)} specialists, Ray workers)")
+    res = inference.evaluate_ensemble(spec, data_uri, "test", **inference.options(cfg))
+    n = res["num_test_examples"]
     per_spec = []
-    for m, ((model, meta), z) in enumerate(zip(specs, s_logits)):
-        task_y = np.full(num_classes, len(subsets[m]), dtype=np.int64)
-        task_y[np.asarray(subsets[m])] = np.arange(len(subsets[m]))
-        zc = z.clone()
-        zc[:, -1] += corrections[m]
+    for m, meta in enumerate(spec.specialist_metas):
         try:
             train_metrics = storage.read_json(storage.join(spec_uri(cfg, m), SPEC_METRICS))
         except FileNotFoundError:
             train_metrics = {}
         per_spec.append({
             "index": m, "dir": spec_dirname(m), "subset": subsets[m], "class_names": class_names[m],
-            "f": meta["extra"]["f"], "dustbin_correction": corrections[m],
+            "f": meta["extra"]["f"], "dustbin_correction": spec.corrections[m],
             "val_error": train_metrics.get("val_error"), "generalist_val_error": train_metrics.get("generalist_val_error"),
             "best_epoch": train_metrics.get("best_epoch"), "epochs_run": train_metrics.get("epochs_run"),
             "seconds": train_metrics.get("seconds"), "resumed_from_epoch": train_metrics.get("resumed_from_epoch"),
-            "test_task_error": float((zc.argmax(1).numpy() != task_y[y]).mean()),
-            "active_test_examples": int(active_per_spec[m]),
+            "test_task_error": res["specialist_task_error"][m],
+            "active_test_examples": res["specialist_active"][m],
             "params": meta["params"], "node_id": train_metrics.get("node_id"),
         })
-    act_any = n_active_all > 0
-    return {
-        "test_error": float((~ens_ok).mean()),
-        "test_errors": int((~ens_ok).sum()),
-        "generalist_test_error": float((~gen_ok).mean()),
-        "generalist_test_errors": int((~gen_ok).sum()),
+    generalist_params = int(spec.generalist_meta["params"])
+    out = {k: v for k, v in res.items() if k not in ("specialist_task_error", "specialist_active")}
+    out.update({
         "num_test_examples": n,
-        "num_specialists": len(subsets),
-        "params": count_params(generalist) + sum(meta["params"] for _, meta in specs),
-        "generalist_params": count_params(generalist),
+        "params": generalist_params + sum(int(m["params"]) for m in spec.specialist_metas),
+        "generalist_params": generalist_params,
         "top_n": sc.top_n, "combine_method": sc.combine_method, "combine_iters": sc.combine_iters,
-        "examples_with_active_specialist": int(act_any.sum()),
-        "predictions_changed": int((ens_pred != gen_pred).sum()),
-        "fixed": int((ens_ok & ~gen_ok).sum()),
-        "broken": int((~ens_ok & gen_ok).sum()),
-        "relative_accuracy_change": (float(ens_ok.sum()) - float(gen_ok.sum())) / max(1.0, float(gen_ok.sum())),
-        "table4": table4(y, subsets, num_classes, gen_ok, ens_ok),
         "specialists": per_spec,
-    }
+    })
+    return out

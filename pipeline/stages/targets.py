@@ -7,11 +7,15 @@ format). The work unit is one input shard -> one cache shard:
 1. the driver plans (`pipeline.cache.plan_regen`): each input shard's desired fingerprint is
    compared with the cache's records and files (checksums included), so only stale, missing or
    damaged shards are rewritten; a cache that is up to date costs one hash per file and no Ray;
-2. the shards to (re)write become a Ray Dataset of work items (`ray.data.from_items`) mapped by
-   an actor pool of `ShardWriter`s (`map_batches(..., concurrency=targets.num_actors,
-   num_cpus=targets.cpus_per_actor, num_gpus=targets.gpus_per_actor, batch_size=1)`): each actor
-   loads the teacher once, then per shard reads the input shard, runs the teacher in batches of
-   `targets.batch_size`, writes the cache shard atomically in each format and its `_parts/` entry;
+2. the shards to (re)write are one Ray Data pipeline, so reading, inference and writing overlap:
+   read tasks (`pipeline.datasets.read_shards_tagged`: one CPU task per input shard, its sha256
+   checked against the dataset manifest there, in the worker; each row tagged with its shard and
+   position) -> an actor pool of `TargetsWorker` model replicas (`map_batches`, `targets.num_actors`
+   of them, `targets.cpus_per_actor` / `gpus_per_actor` each, batches of `targets.batch_size`; the
+   teacher loaded once per replica, top-k chosen on its device) -> one `ShardAssembler` that puts
+   each shard's rows back in source order once all have arrived and writes the cache shard
+   atomically in each format (`pipeline.cache.write_cache_shard`) and then its `_parts/` entry.
+   Cache shards stay 1:1 with input shards, in the same order;
 3. the driver collects the entries, deletes files no shard owns, writes `metrics.json` (counts,
    write throughput, bytes per sample) and `manifest.json` last.
 
@@ -26,10 +30,10 @@ the stage on a fresh directory and regenerating are one code path.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
-import traceback
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -42,7 +46,15 @@ from pipeline.errors import UserError
 NEEDS_RAY = True
 # Execution settings do not change a single stored value; they stay out of the fingerprint so that
 # resizing the actor pool does not invalidate the cache or the stages that read it.
-_NOT_FINGERPRINTED = {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor"}
+_NOT_FINGERPRINTED = {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "precision"}
+
+
+def precision_tag(cfg: Config) -> Optional[str]:
+    """"bf16" when the replicas autocast (a GPU per replica and precision auto/bf16): the stored
+    values then differ from fp32 ones, so the fingerprints say so. None otherwise (CPUs always
+    run fp32), which leaves the fingerprints of fp32 caches as they were."""
+    t = cfg.targets
+    return "bf16" if t.gpus_per_actor > 0 and t.precision in ("auto", "bf16") else None
 METRICS_FILE = "metrics.json"
 
 
@@ -66,7 +78,7 @@ def fingerprint(cfg: Config) -> str:
         "targets-v1", cfg.targets.model_dump(exclude=_NOT_FINGERPRINTED), cfg.data.transfer_split,
         [sc.top_n, sc.combine_method, sc.combine_iters],
         *(marker_fingerprint(cfg, s) for s in ("data", "teacher", "cluster", "specialists")),
-        teacher_fp, sources,
+        teacher_fp, sources, *([precision_tag(cfg)] if precision_tag(cfg) else []),
     )
 
 
@@ -82,89 +94,147 @@ def _teacher(cfg: Config):
 
 
 # --------------------------------------------------------------------------------------------------
-# The per-shard work (runs in a Ray actor, or in-process with use_ray=False)
+# The pipeline's stages: read (pipeline.datasets) -> TargetsWorker replicas -> ShardAssembler
 
 
-def _device(gpus: float) -> str:
+def encode_on_device(layout, generalist, log_q) -> dict[str, np.ndarray]:
+    """`pipeline.cache.Layout.encode` on the teacher's device: the same fields (names, dtypes from
+    `layout.fields()`, floors and refusals of non-finite values), with top-k chosen there so only
+    k values per sample cross to the host. Raises ValueError as `Layout.encode` does."""
     import torch
 
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    from pipeline import cache
+
+    g = generalist.float()
+    e = log_q.float()
+    if g.ndim != 2 or g.shape[1] != layout.num_classes or e.shape != g.shape:
+        raise ValueError(f"teacher outputs have shapes {tuple(g.shape)} and {tuple(e.shape)}; expected (N, {layout.num_classes})")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("the generalist produced non-finite logits (NaN or inf): the checkpoint is broken")
+    e = e.clamp_min(cache.LOGP_FLOOR)  # exact zeros (log 0 = -inf) become a finite, negligible value
+    if not bool(torch.isfinite(e).all()):
+        raise ValueError("the ensemble produced NaN log-probabilities: a specialist checkpoint is broken")
+
+    def tdtype(np_dtype):
+        return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
+
+    fields = layout.fields()
+    if layout.top_k is None:
+        out = {}
+        for t, v in (("generalist", g), ("ensemble", e)):
+            name = cache.DENSE_FIELDS[t]
+            arr = v.to(tdtype(fields[name][0]))
+            if not bool(torch.isfinite(arr).all()):
+                raise ValueError(f"{name} overflows {layout.dtype} (|value| > "
+                                 f"{float(np.finfo(layout.np_dtype).max):g}); set targets.dtype=float32")
+            out[name] = arr
+        return {k: v.cpu().numpy() for k, v in out.items()}
+    k = int(layout.top_k)
+    out = {}
+    for t, logp in (("generalist", torch.log_softmax(g, dim=1)), ("ensemble", e)):
+        val, idx = torch.topk(logp, k, dim=1)  # sorted, largest first
+        rest = logp.scatter(1, idx, float("-inf"))
+        tail = torch.logsumexp(rest, dim=1).clamp_min(cache.LOGP_FLOOR)
+        out[f"{t}_topk_idx"] = idx.to(tdtype(fields[f"{t}_topk_idx"][0]))
+        out[f"{t}_topk_val"] = val.clamp_min(cache.LOGP_FLOOR).to(tdtype(fields[f"{t}_topk_val"][0]))
+        out[f"{t}_tail"] = tail.to(tdtype(fields[f"{t}_tail"][0]))
+    return {name: out[name].cpu().numpy() for name in fields}
 
 
-class ShardWriter:
-    """Ray Data actor: loads the teacher once, then turns work items into cache shards.
-
-    Each input row {"task": JSON} (see `pipeline.cache.ShardPlan.task`) yields a row {"entry": JSON}:
-    the shard's manifest entry, or {"error": message, "user_error": bool} for a shard that failed
-    (the others go on; the driver reports every failure).
-    """
+class TargetsWorker:
+    """Ray Data actor (a model replica): loads the teacher once, then turns batches of input rows
+    (`x`, `y`, `key`, `shard`, `row`) into rows of cache fields, top-k chosen on its device. The
+    inputs travel on only when a WebDataset file (self-contained: it holds them) is to be written."""
 
     def __init__(self, job: dict):
         import torch
 
         from pipeline.cache import Layout
+        from pipeline.inference import device_for
         from pipeline.teacher_ensemble import TeacherEnsemble, TeacherSpec
 
-        threads = max(1, int(job.get("threads") or 1))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, int(job.get("threads") or 1)))
         self.job = job
         self.layout = Layout(**job["layout"])
-        self.ensemble = TeacherEnsemble(TeacherSpec(**job["teacher"]), device=_device(job.get("gpus", 0)))
+        self.ensemble = TeacherEnsemble(TeacherSpec(**job["teacher"]), device=device_for(job.get("gpus", 0)),
+                                        precision=job.get("precision", "fp32"))
 
     def __call__(self, batch: dict) -> dict:
-        out = []
-        for raw in batch["task"]:
-            task = json.loads(str(raw))
+        t0 = time.perf_counter()
+        x = batch["x"]
+        n = len(batch["shard"])
+        bs = max(1, int(self.job["batch_size"]))
+        parts = []
+        for start in range(0, n, bs):
+            out = self.ensemble.outputs(x[start:start + bs])
             try:
-                entry = write_shard(self.ensemble, self.layout, self.job, task)
-            except UserError as e:
-                entry = {"name": task["name"], "error": str(e), "user_error": True}
-            except Exception as e:  # noqa: BLE001 - reported by the driver with the shard's name
-                entry = {"name": task["name"], "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
-                         "user_error": False}
-            out.append(json.dumps(entry))
-        return {"entry": np.array(out, dtype=object)}
+                parts.append(encode_on_device(self.layout, out.generalist, out.log_q))
+            except ValueError as e:
+                names = sorted({self.job["names"][str(int(i))] for i in batch["shard"][start:start + bs]})
+                raise UserError(f"cache shard(s) {', '.join(names)}: {e}") from None
+        fields = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        rows = {"shard": batch["shard"], "row": batch["row"], "key": batch["key"], "y": batch["y"], **fields}
+        if self.job["carry_inputs"]:
+            rows["x"] = x
+        rows["_infer_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n), dtype=np.float64)
+        return rows
 
 
-def write_shard(ensemble, layout, job: dict, task: dict) -> dict:
-    """Input shard -> teacher outputs -> cache shard files + `_parts/` entry; returns the entry."""
-    from pipeline import cache
-    from pipeline.data.shards import ShardError, decode_shard
+class ShardAssembler:
+    """Ray Data actor (one per job): gathers the rows of each input shard, in whatever batches and
+    order they arrive, and once a shard is complete puts its rows back in source order and writes
+    its cache shard (`pipeline.cache.write_cache_shard`, each file atomically, then its `_parts/`
+    entry). Yields one row {"entry": JSON} per shard written. Only shards in flight are held."""
 
-    t0 = time.perf_counter()
-    src = task["source_uri"]
-    try:
-        data = storage.read_bytes(src)
-    except FileNotFoundError:
-        raise UserError(f"{src}: input shard missing; run `distill data verify {job['data_uri']}`") from None
-    if storage.sha256_bytes(data) != task["source_sha256"]:
-        raise UserError(f"{src}: sha256 differs from the dataset manifest (damaged or replaced); "
-                        f"run `distill data verify {job['data_uri']}`")
-    try:
-        x, y, keys = decode_shard(data, name=task["source"])
-    except ShardError as e:
-        raise UserError(f"{src}: {e}") from None
-    if len(keys) != int(task["num_samples"]):
-        raise UserError(f"{src}: {len(keys)} samples, the dataset manifest says {task['num_samples']}")
-    t_read = time.perf_counter()
-    gen, ens = ensemble.predict(x, int(job["batch_size"]))
-    t_infer = time.perf_counter()
-    try:
-        fields = layout.encode(gen, ens)
-    except ValueError as e:
-        raise UserError(f"cache shard {task['name']} (input {task['source']}): {e}") from None
-    files = cache.write_cache_shard(
-        job["cache_uri"], task["name"], task["write_formats"], layout, keys, y, fields, inputs=x,
-        metadata={"source": task["source"], "fingerprint": task["fingerprint"]},
-    )
-    entry = cache.entry_from_task(task, {**task.get("kept_files", {}), **files})
-    cache.write_part(job["cache_uri"], entry)
-    t_end = time.perf_counter()
-    # Seconds of each phase, plus which replica did it and when it finished (its own clock): what a
-    # benchmark needs to tell a replica's steady rate from the pool's start-up.
-    entry["_timing"] = {"read": t_read - t0, "infer": t_infer - t_read, "write": t_end - t_infer,
-                        "worker": f"{socket.gethostname()}:{os.getpid()}", "finished_at": time.time()}
-    return entry
+    def __init__(self, job: dict):
+        from pipeline.cache import Layout
+
+        self.job = job
+        self.layout = Layout(**job["layout"])
+        self.tasks = {int(t["index"]): t for t in job["tasks"]}
+        self.buffers: dict[int, list[dict]] = {}
+        self.counts: dict[int, int] = {}
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        shard = np.asarray(batch["shard"])
+        done = []
+        for s in np.unique(shard):
+            s = int(s)
+            sel = np.flatnonzero(shard == s)
+            self.buffers.setdefault(s, []).append({k: np.asarray(v)[sel] for k, v in batch.items()})
+            self.counts[s] = self.counts.get(s, 0) + len(sel)
+            if self.counts[s] >= int(self.tasks[s]["num_samples"]):
+                done.append(s)
+        entries = [json.dumps(self._write(s)) for s in done]
+        return {"entry": np.array(entries, dtype=object)}
+
+    def _write(self, s: int) -> dict:
+        from pipeline import cache
+
+        t0 = time.perf_counter()
+        task = self.tasks[s]
+        parts = self.buffers.pop(s)
+        self.counts.pop(s)
+        cols = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(cols["row"], kind="stable")
+        if not np.array_equal(cols["row"][order], np.arange(int(task["num_samples"]))):
+            raise RuntimeError(f"cache shard {task['name']}: rows arrived twice or not at all "
+                               f"({len(order)} rows for {task['num_samples']} samples)")
+        cols = {k: v[order] for k, v in cols.items()}
+        fields = {name: cols[name] for name in self.layout.fields()}
+        files = cache.write_cache_shard(
+            self.job["cache_uri"], task["name"], task["write_formats"], self.layout, [str(k) for k in cols["key"]],
+            cols["y"], fields, inputs=cols.get("x"),
+            metadata={"source": task["source"], "fingerprint": task["fingerprint"]},
+        )
+        entry = cache.entry_from_task(task, {**task.get("kept_files", {}), **files})
+        cache.write_part(self.job["cache_uri"], entry)
+        # Seconds of this shard's inference (summed over its rows' batches) and writing, which
+        # replica wrote it and when (its own clock): what a benchmark needs for steady rates.
+        entry["_timing"] = {"infer": float(cols["_infer_s"].sum()), "write": time.perf_counter() - t0,
+                            "worker": self.worker, "finished_at": time.time()}
+        return entry
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +259,8 @@ def _plan(cfg: Config):
     layout = cache.Layout(teacher.num_classes, t.dtype, t.top_k)
     formats = cache.formats_from_setting(t.format)
     fps = teacher.fingerprints()
+    tag = precision_tag(cfg)
+    teacher_fp = fps["teacher_fingerprint"] + (f"+{tag}" if tag else "")
     desired = []
     for i, e in enumerate(entries):
         name = e["path"].rsplit("/", 1)[-1]
@@ -196,7 +268,7 @@ def _plan(cfg: Config):
         desired.append({
             "name": name, "index": i, "source": e["path"], "source_uri": e["uri"],
             "source_sha256": e["sha256"], "num_samples": int(e["num_samples"]),
-            "fingerprint": cache.shard_fingerprint(fps["teacher_fingerprint"], e["sha256"], t.dtype, t.top_k),
+            "fingerprint": cache.shard_fingerprint(teacher_fp, e["sha256"], t.dtype, t.top_k),
         })
     root = data_uri if storage.is_remote(data_uri) else os.path.abspath(data_uri)
     dataset = {"uri": root, "split": split, "name": dm.get("name"), "input_shape": dm.get("input_shape"),
@@ -219,59 +291,64 @@ def _check_destination(cache_uri: str, data_uri: str, old_manifest) -> None:
                         "already there; point targets.uri at an empty folder or an existing cache")
 
 
-def _available_actors(cfg: Config, wanted: int) -> int:
-    """A local Ray cannot grow: never ask for more replicas than its CPUs/GPUs hold (a fixed pool
-    that does not fit would wait forever). On a cluster the autoscaler may add nodes, so trust the config."""
-    import ray
-
-    t = cfg.targets
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return wanted
-    res = ray.cluster_resources()
-    fit = int(res.get("CPU", 1) // t.cpus_per_actor)
-    if t.gpus_per_actor > 0:
-        fit = min(fit, int(res.get("GPU", 0) // t.gpus_per_actor))
-    if fit < 1:
-        raise UserError(f"targets.cpus_per_actor={t.cpus_per_actor}, gpus_per_actor={t.gpus_per_actor}: the local Ray "
-                        f"has {res.get('CPU', 0)} CPUs and {res.get('GPU', 0)} GPUs, not enough for one replica")
-    return max(1, min(wanted, fit))
+def _read_entries(job: dict) -> list[dict]:
+    """The input shards to read, as `pipeline.datasets.split_items` describes them (checked
+    against their manifest sha256 by the read tasks, not here)."""
+    return [{"uri": t["source_uri"], "root": job["data_uri"], "sha256": t["source_sha256"],
+             "num_samples": int(t["num_samples"]), "shard": int(t["index"])} for t in job["tasks"]]
 
 
-def _execute(cfg: Config, job: dict, tasks: list[dict], use_ray: bool, progress: bool):
-    """Yield each task's result entry as it completes."""
+def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
+    """Yield each written shard's entry as it completes: read -> model replicas -> assembler."""
     if not use_ray:
         import torch
 
+        from pipeline import datasets
+
         threads = torch.get_num_threads()
         try:
-            writer = ShardWriter(job)
-            for t in tasks:
-                yield json.loads(writer({"task": [json.dumps(t)]})["entry"][0])
+            worker, assembler = TargetsWorker(job), ShardAssembler(job)
+            for sh in _read_entries(job):
+                cols = datasets._read_tagged({"item": np.array([json.dumps({"shards": [sh]})], dtype=object)})
+                for start in range(0, len(cols["key"]), int(job["batch_size"])):
+                    rows = worker({k: v[start:start + int(job["batch_size"])] for k, v in cols.items()})
+                    for raw in assembler(rows)["entry"]:
+                        yield json.loads(raw)
         finally:
             torch.set_num_threads(threads)  # the writer sized torch for a replica, not for the caller
         return
     import ray
 
+    from pipeline import datasets
+    from pipeline.inference import fit_actors
     from pipeline.raysetup import ensure_ray
 
     ensure_ray(cfg)
     t = cfg.targets
-    actors = _available_actors(cfg, min(t.num_actors, len(tasks)))
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ds = ray.data.from_items([{"task": json.dumps(task)} for task in tasks], override_num_blocks=len(tasks))
+    actors = fit_actors(min(t.num_actors, len(job["tasks"])), t.cpus_per_actor, t.gpus_per_actor,
+                        f"targets.cpus_per_actor={t.cpus_per_actor:g}, gpus_per_actor={t.gpus_per_actor:g}",
+                        on_cluster=bool(cfg.ray.address))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    loader = getattr(cfg.data, "loader", None)
+    read_kw = {"read_cpus": loader.read_cpus, "concurrency": loader.read_concurrency} if loader is not None else {}
+    ds = datasets.read_shards_tagged(_read_entries(job), **read_kw)
     ds = ds.map_batches(
-        ShardWriter, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=t.cpus_per_actor,
+        TargetsWorker, fn_constructor_kwargs={"job": job}, batch_size=int(t.batch_size), batch_format="numpy",
+        zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=t.cpus_per_actor,
         num_gpus=t.gpus_per_actor or None,
     )
+    # One assembler: every row of a shard must reach the same writer. It needs no reserved CPU
+    # (writing is a small share of the work) so it never waits behind the replicas for a slot.
+    ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"job": job}, batch_size=None, batch_format="numpy",
+                        zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     if progress:
         from pipeline.runner import log
 
-        log(f"targets: {len(tasks)} shards on {actors} Ray Data actor(s) "
-            f"({t.cpus_per_actor} CPU, {t.gpus_per_actor} GPU each)")
-    for row in ds.iter_rows():
-        yield json.loads(str(row["entry"]))
+        log(f"targets: {len(job['tasks'])} shards: read tasks -> {actors} model replica(s) "
+            f"({t.cpus_per_actor} CPU, {t.gpus_per_actor} GPU each) -> 1 writer, on Ray Data")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for raw in batch["entry"]:
+            yield json.loads(str(raw))
 
 
 def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, use_ray: bool = True,
@@ -317,39 +394,46 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
         storage.remove(cache.manifest_uri(cache_uri))
         storage.remove(marker_uri(cfg, "targets"))
         storage.makedirs(cache_uri)
+        tasks = [p.task() for p in todo]
         job = {
             "cache_uri": cache_uri, "data_uri": dataset["uri"], "batch_size": cfg.targets.batch_size,
-            "threads": cfg.targets.cpus_per_actor, "gpus": cfg.targets.gpus_per_actor,
+            "threads": max(1, math.ceil(cfg.targets.cpus_per_actor)), "gpus": cfg.targets.gpus_per_actor,
+            "precision": cfg.targets.precision,
             "layout": {"num_classes": layout.num_classes, "dtype": layout.dtype, "top_k": layout.top_k},
             "teacher": {"generalist_uri": teacher.generalist_uri, "generalist_meta": teacher.generalist_meta,
                         "specialist_uris": teacher.specialist_uris, "specialist_metas": teacher.specialist_metas,
                         "top_n": teacher.top_n, "method": teacher.method, "iters": teacher.iters},
+            "tasks": tasks, "names": {str(int(t["index"])): t["name"] for t in tasks},
+            # WebDataset shards are self-contained (they hold the inputs): only then do inputs travel on.
+            "carry_inputs": any("webdataset" in t["write_formats"] for t in tasks),
         }
-        failures: list[dict] = []
         samples = 0
         t_work = time.perf_counter()
-        for entry in _execute(cfg, job, [p.task() for p in todo], use_ray, progress):
-            if "error" in entry:
-                failures.append(entry)
-                say(f"targets: {entry['name']} FAILED: {entry['error'].splitlines()[0]}")
-                continue
-            timing = entry.pop("_timing", {})
-            new_entries[entry["name"]] = entry
-            if on_shard is not None:
-                on_shard(entry, time.perf_counter() - t_work, timing)
-            samples += entry["num_samples"]
-            rate = samples / max(time.perf_counter() - t_work, 1e-9)
-            say(f"targets: {len(new_entries)}/{len(todo)} shards written ({entry['name']}, {entry['num_samples']} "
-                f"samples; read {timing.get('read', 0):.2f}s infer {timing.get('infer', 0):.2f}s "
-                f"write {timing.get('write', 0):.2f}s; {rate:.0f} samples/s overall)")
+        try:
+            for entry in _execute(cfg, job, use_ray, progress):
+                timing = entry.pop("_timing", {})
+                new_entries[entry["name"]] = entry
+                if on_shard is not None:
+                    on_shard(entry, time.perf_counter() - t_work, timing)
+                samples += entry["num_samples"]
+                rate = samples / max(time.perf_counter() - t_work, 1e-9)
+                say(f"targets: {len(new_entries)}/{len(todo)} shards written ({entry['name']}, {entry['num_samples']} "
+                    f"samples; infer {timing.get('infer', 0):.2f}s write {timing.get('write', 0):.2f}s; "
+                    f"{rate:.0f} samples/s overall)")
+        except Exception as e:
+            from pipeline.inference import _user_error_in
+
+            user = _user_error_in(e)
+            if user is None:
+                raise
+            raise UserError(f"targets: {user} (the {len(new_entries)} of {len(todo)} shards written before this "
+                            "are kept; fix the cause and rerun `distill targets regen CONFIG`)") from None
         work_seconds = time.perf_counter() - t_work
-        if failures:
-            lines = [f"{f['name']}: {f['error']}" for f in failures]
-            msg = (f"targets: {len(failures)} of {len(todo)} shards failed (the {len(new_entries)} written are kept; "
-                   "fix the cause and rerun `distill targets regen CONFIG`):\n  " + "\n  ".join(lines))
-            if all(f.get("user_error") for f in failures):
-                raise UserError(msg)
-            raise RuntimeError(msg)
+        missing = [p.name for p in todo if p.name not in new_entries]
+        if missing:  # e.g. the writer was restarted and lost the rows it held
+            raise RuntimeError(f"targets: {len(missing)} of {len(todo)} shards were not written ({', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''}); the others are kept, rerun "
+                               "`distill targets regen CONFIG` to finish")
 
     entries = []
     for p in plans:
