@@ -343,3 +343,49 @@ class Collate(_collate_base()):
             elif k in self.keep:
                 out[k] = v
         return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Per-shard jobs: rows tagged with their shard and position (the targets stage writes one output
+# shard per input shard, in the same order, from rows that went through any batch and replica)
+
+
+def _read_tagged(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """map_batches UDF: items of one shard each -> the shard's rows plus `shard` (the shard's index
+    in its split, `split_items`' "shard") and `row` (the row's position in the shard)."""
+    import json
+
+    parts = []
+    for raw in batch["item"]:
+        (sh,) = json.loads(raw)["shards"]
+        try:
+            cols = _read_one(sh)
+        except FileNotFoundError:
+            raise UserError(f"{sh['uri']}: input shard missing; run `distill data verify {sh['root']}` and "
+                            "re-ingest") from None
+        n = len(cols["key"])
+        if n != int(sh["num_samples"]):
+            raise UserError(f"{sh['uri']}: {n} samples, the dataset manifest says {sh['num_samples']}; run "
+                            f"`distill data verify {sh['root']}`")
+        cols["shard"] = np.full(n, int(sh["shard"]), dtype=np.int64)
+        cols["row"] = np.arange(n, dtype=np.int64)
+        parts.append(cols)
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def read_shards_tagged(shards: Sequence[dict], read_cpus: float = DEFAULT_READ_CPUS,
+                       concurrency: int = DEFAULT_READ_CONCURRENCY):
+    """The rows of `shards` (entries as `split_items` makes them), one read task per shard, each
+    row tagged with `shard` and `row` (see `_read_tagged`); checksums checked in the read tasks."""
+    import json
+
+    import ray.data
+
+    if not shards:
+        raise UserError("no shards to read")
+    rows = [{"item": json.dumps({"shards": [sh], "num_samples": int(sh["num_samples"])})} for sh in shards]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    return ds.map_batches(_read_tagged, batch_size=1, num_cpus=float(read_cpus),
+                          compute=ray.data.TaskPoolStrategy(size=max(1, int(concurrency))), zero_copy_batch=True)
