@@ -1,16 +1,17 @@
 """Training one specialist (Hinton et al. 2015, section 5.2), as a plain function any launcher can call.
 
 The specialists stage runs one of these per class subset in parallel (one Ray Tune trial each), but
-nothing here imports Ray: the launcher passes a `report` callback for per-epoch metrics, and resume
-state goes to a URI of its own (`spec_{m:03d}/_resume/state.pt`) instead of Tune's checkpoint
-folders, so a retried trial *and* a rerun of the whole stage (new Tune experiment) both continue from
+nothing here imports Ray: the launcher passes the data as streams (`epoch_chunks`, `val_batches`), a
+`report` callback for per-epoch metrics, and resume state goes to a folder of its own
+(`spec_{m:03d}/_resume/`, the training core's `TrainState`) instead of Tune's checkpoint folders, so a retried trial *and* a rerun of the whole stage (new Tune experiment) both continue from
 the last finished epoch.
 
 What a specialist is:
 * the generalist with its head swapped for |S| + 1 outputs (S's classes in order, then the dustbin),
   the rows of S copied from the generalist (`pipeline.models.replace_head`);
-* trained with cross-entropy on batches half from S and half from the rest
-  (`specialists.dustbin.HalfSubsetSampler`); one epoch is one pass over S's training examples;
+* trained on the training core (`pipeline.training.run_epochs`) with cross-entropy on batches half
+  from S and half from the rest, cut from the streamed training split
+  (`specialists.dustbin.half_subset_stream`); one epoch is one pass over S's training examples;
 * early-stopped on val: after each epoch the *corrected* specialist (dustbin logit + log((1-f)/f),
   f = S's share of the natural training data) is scored on the natural val set over its own
   |S| + 1 labels. That is exactly the distribution it will be asked to model at inference, so the
@@ -23,10 +24,9 @@ the correction is ADDED to the dustbin (last) logit at inference. `metrics.json`
 """
 from __future__ import annotations
 
-import io
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,22 +39,15 @@ from pipeline.models import (
     replace_head,
     save_checkpoint,
 )
-from pipeline.training import (
-    EarlyStopping,
-    make_optimizer,
-    make_scheduler,
-    predict_logits,
-    train_one_epoch,
-)
+from pipeline.training import TrainState, predict_logits, prepare_inputs, run_epochs
 from specialists.dustbin import (
     DustbinMapper,
-    HalfSubsetSampler,
     dustbin_correction,
-    subset_fraction,
+    half_subset_steps,
+    half_subset_stream,
 )
 
 RESUME_DIR = "_resume"
-RESUME_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 
 # TrainConfig keys that change what a specialist learns (resources and combination settings do not).
@@ -75,53 +68,118 @@ def is_complete(out_uri: str, fingerprint: str) -> bool:
     return meta.get("extra", {}).get("fingerprint") == fingerprint
 
 
-def _task_error(logits: torch.Tensor, labels: np.ndarray, correction: float) -> float:
-    z = logits.clone()
-    z[:, -1] += correction
-    return float((z.argmax(1).numpy() != labels).mean())
+class TaskCounts:
+    """Streaming counts of a specialist's |S| + 1 task on natural data: errors of the corrected
+    specialist, errors among S's own classes on examples of S, and the generalist's errors on the
+    task (its probabilities collapsed onto S + dustbin). O(1) memory whatever the split's size."""
+
+    def __init__(self, mapper: DustbinMapper, correction: float):
+        self.table = torch.as_tensor(mapper.table)
+        self.subset = torch.as_tensor(mapper.subset)
+        self.size = len(mapper.subset)
+        self.correction = float(correction)
+        self.n = self.errors = self.n_inside = self.subset_errors = 0
+
+    def add(self, logits: torch.Tensor, y_global: torch.Tensor) -> None:
+        y = self.table.to(y_global.device)[y_global.long()]
+        z = logits.float().clone()
+        z[:, -1] += self.correction
+        self.errors += int((z.argmax(1) != y).sum())
+        self.n += len(y)
+        inside = y < self.size
+        if inside.any():
+            self.n_inside += int(inside.sum())
+            self.subset_errors += int((logits[inside, :self.size].argmax(1) != y[inside]).sum())
+
+    def add_generalist(self, g_logits: torch.Tensor, y_global: torch.Tensor) -> None:
+        y = self.table.to(y_global.device)[y_global.long()]
+        logp = torch.log_softmax(g_logits.double(), 1)
+        mask = torch.ones(logp.shape[1], dtype=torch.bool, device=logp.device)
+        mask[self.subset] = False
+        dust = (torch.logsumexp(logp[:, mask], 1, keepdim=True) if mask.any()
+                else torch.full((len(logp), 1), -math.inf, dtype=logp.dtype, device=logp.device))
+        task = torch.cat([logp[:, self.subset.to(logp.device)], dust], 1)
+        self.errors += int((task.argmax(1) != y).sum())
+        self.n += len(y)
+
+    @property
+    def error(self) -> float:
+        return self.errors / self.n if self.n else math.nan
+
+    @property
+    def subset_error(self) -> float:
+        return self.subset_errors / self.n_inside if self.n_inside else math.nan
 
 
-def _subset_error(logits: torch.Tensor, labels: np.ndarray, size: int) -> float:
-    """Error among S's own classes on examples of S (argmax over S only): the confusions it exists for."""
-    inside = labels < size
-    if not inside.any():
-        return math.nan
-    return float((logits[inside, :size].argmax(1).numpy() != labels[inside]).mean())
-
-
-def _generalist_task_error(g_logits: torch.Tensor, subset: np.ndarray, labels: np.ndarray) -> float:
-    """The generalist's error on the specialist's |S| + 1 task (its probabilities collapsed onto it)."""
-    logp = torch.log_softmax(g_logits.double(), 1)
-    mask = torch.ones(logp.shape[1], dtype=torch.bool)
-    mask[torch.as_tensor(subset)] = False
-    dust = torch.logsumexp(logp[:, mask], 1, keepdim=True) if mask.any() else torch.full((len(logp), 1), -math.inf)
-    task = torch.cat([logp[:, torch.as_tensor(subset)], dust], 1)
-    return float((task.argmax(1).numpy() != labels).mean())
-
-
-def _save_state(uri: str, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes_atomic(uri, buf.getvalue())
-
-
-def _load_state(uri: str, fingerprint: str) -> Optional[dict]:
-    if not storage.exists(uri):
-        return None
+def _forward(model, batches, device, fn) -> None:
+    was = model.training
+    model.eval()
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    except Exception:  # a damaged resume file only costs the epochs it held
-        return None
-    return state if state.get("fingerprint") == fingerprint else None
+        with torch.no_grad():
+            for batch in batches:
+                x = prepare_inputs(batch["x"].to(device, non_blocking=True))
+                fn(model(x), batch["y"].to(device))
+    finally:
+        model.train(was)
+
+
+def _save_resume(uri: str, state: TrainState, spec, input_shape, num_classes) -> None:
+    """The run's state under `uri` (local or s3://), trainer.json last: a half-written folder is
+    never taken for a complete one."""
+    import os
+    import tempfile
+
+    from pipeline import training
+
+    with tempfile.TemporaryDirectory(prefix="distill-spec-") as d:
+        state.save(d, spec, input_shape, num_classes)
+        names = [n for n in sorted(os.listdir(d)) if n != training.META_FILE]
+        for n in names + [training.META_FILE]:
+            path = os.path.join(d, n)
+            if os.path.isdir(path):
+                for sub in sorted(os.listdir(path)):
+                    with open(os.path.join(path, sub), "rb") as f:
+                        storage.write_bytes_atomic(storage.join(uri, n, sub), f.read())
+            else:
+                with open(path, "rb") as f:
+                    storage.write_bytes_atomic(storage.join(uri, n), f.read())
+
+
+def _load_resume(uri: str, state: TrainState, fingerprint: str) -> bool:
+    import json
+    import os
+    import tempfile
+
+    from pipeline import models, training
+
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(uri, training.META_FILE)))
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+    if meta.get("fingerprint") != fingerprint:
+        return False
+    try:
+        with tempfile.TemporaryDirectory(prefix="distill-spec-") as d:
+            for rel in (training.META_FILE, training.STATE_FILE, models.WEIGHTS_FILE, models.META_FILE):
+                with open(os.path.join(d, rel), "wb") as f:
+                    f.write(storage.read_bytes(storage.join(uri, rel)))
+            best = storage.join(uri, "best", models.WEIGHTS_FILE)
+            if storage.exists(best):
+                os.makedirs(os.path.join(d, "best"))
+                with open(os.path.join(d, "best", models.WEIGHTS_FILE), "wb") as f:
+                    f.write(storage.read_bytes(best))
+            state.load(d)
+    except Exception:  # a damaged resume folder only costs the epochs it held
+        return False
+    return True
 
 
 def train_specialist(
     generalist_uri: str,
     subset: Sequence[int],
-    x_train: Any,
-    y_train: np.ndarray,
-    x_val: Any,
-    y_val: np.ndarray,
+    epoch_chunks: Callable[[int], Iterable[dict]],
+    val_batches: Callable[[], Iterable[dict]],
+    class_counts: Sequence[int],
     train_cfg: dict,
     out_uri: str,
     *,
@@ -130,109 +188,98 @@ def train_specialist(
     extra: Optional[dict] = None,
     report: Optional[Callable[[dict], None]] = None,
     device: Any = "cpu",
-    eval_batch_size: int = 1024,
 ) -> dict:
-    """Train the specialist for `subset`, save its checkpoint under `out_uri`, return its metrics.
+    """Train the specialist for `subset` on the training core, save its checkpoint under `out_uri`,
+    return its metrics. Nothing is loaded whole: data come as streams.
 
     Args:
         generalist_uri: checkpoint directory of the generalist (teacher stage).
         subset: the specialist's classes S (global indices, the order of its outputs).
-        x_train, y_train: natural training data (inputs as stored, labels (N,) int).
-        x_val, y_val: held-out data for early stopping.
+        epoch_chunks: epoch -> the training split's rows in that pass's shuffled order, as chunks of
+            torch tensors ("x", global labels "y"), e.g. a Ray Data stream of one pass.
+        val_batches: () -> the val split's batches ("x", "y"), streamed again for each evaluation.
+        class_counts: (C,) training samples per class (the dataset manifest has them): f and the
+            epoch's length come from these.
         train_cfg: TrainConfig keys (epochs, batch_size, optimizer, lr, schedule, patience, jitter,
-            max_norm, ...). `patience` None trains all epochs but still keeps the best val epoch.
+            max_norm, checkpoint_every_steps is not used: a specialist resumes per epoch).
         out_uri: checkpoint directory to write (local or s3://); resume state lives below it.
         fingerprint: identity of the inputs; stored in model.json and checked on resume.
         seed: seeds batches (per epoch) and dropout, so a resumed run repeats an uninterrupted one.
         extra: more JSON for model.json's `extra` (e.g. class names, specialist index).
         report: called after each epoch with that epoch's metrics (after resume state is saved).
         device: torch device.
-    Returns:
-        metrics dict (also written to `out_uri/metrics.json`).
     """
     t0 = time.perf_counter()
     started_at = time.time()
     subset = np.asarray(subset, dtype=np.int64)
-    y_train = np.asarray(y_train).astype(np.int64, copy=False)
-    y_val = np.asarray(y_val).astype(np.int64, copy=False)
-    model, g_meta = load_checkpoint(generalist_uri, map_location=device)
+    counts = np.asarray(class_counts, dtype=np.int64)
+    model, g_meta = load_checkpoint(generalist_uri, map_location="cpu")
     num_classes = int(g_meta["num_classes"])
     mapper = DustbinMapper(subset, num_classes)
-    f = subset_fraction(y_train, subset)
+    n_in = int(counts[subset].sum())
+    n_total = int(counts.sum())
+    f = n_in / max(1, n_total)
     correction = dustbin_correction(f)
-    yv = mapper(y_val)
+    spec, input_shape = g_meta["spec"], g_meta["input_shape"]
 
-    g_val_logits = predict_logits(model, x_val, eval_batch_size, device) if len(y_val) else None
-    generalist_task_error = _generalist_task_error(g_val_logits, subset, yv) if g_val_logits is not None else math.nan
-    del g_val_logits
+    gen_counts = TaskCounts(mapper, correction)
+    _forward(model.to(device), val_batches(), device, gen_counts.add_generalist)
+    generalist_task_error = gen_counts.error
 
     replace_head(model, mapper.num_outputs, init_rows=torch.from_numpy(subset))
     epochs = int(train_cfg.get("epochs", 1))
     batch_size = int(train_cfg.get("batch_size", 128))
-    sampler = HalfSubsetSampler(y_train, subset, batch_size, seed=seed)
-    optimizer = make_optimizer(model, train_cfg)
-    scheduler = make_scheduler(optimizer, train_cfg, len(sampler), epochs)
-    patience = train_cfg.get("patience")
-    stopper = EarlyStopping(int(patience) if patience else epochs + 1)
-
-    resume_uri = storage.join(out_uri, RESUME_DIR, RESUME_FILE)
-    history: list[dict] = []
-    best_state = None
-    start_epoch = 0
+    steps = half_subset_steps(n_in, batch_size)
+    tcfg = dict(train_cfg, checkpoint_every=1, checkpoint_every_steps=None)
+    torch.manual_seed(int(seed))
+    state = TrainState(model, tcfg, steps, epochs, device)
+    resume_uri = storage.join(out_uri, RESUME_DIR)
     resumed_from = None
-    state = _load_state(resume_uri, fingerprint)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        best_state = state["best_model"]
-        history = list(state["history"])
-        start_epoch = resumed_from = int(state["epoch"]) + 1
-        started_at = float(state.get("started_at", started_at))
-    stopped = bool(state and state.get("stopped"))
+    if _load_resume(resume_uri, state, fingerprint):
+        resumed_from = state.next_epoch
+        started_at = float(state.meta.get("started_at", started_at))
+    state.meta["fingerprint"] = fingerprint
+    state.meta["started_at"] = started_at
+    last = {}
 
-    def batches(epoch: int):
-        sampler.set_epoch(epoch)
-        for idx in sampler:
-            idx = np.asarray(idx)
-            yield {"x": x_train[idx], "y": torch.from_numpy(mapper(y_train[idx]))}
+    def batches():
+        for e in range(state.next_epoch, epochs):
+            g = torch.Generator().manual_seed(int(seed) * 100_003 + e)
+            for b in half_subset_stream(epoch_chunks(e), subset, batch_size, steps, n_in, n_total - n_in, g,
+                                        num_classes):
+                yield e, b
 
-    def loss_fn(out: torch.Tensor, batch: dict) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(out, batch["y"])
+    def evaluate(m):
+        c = TaskCounts(mapper, correction)
+        _forward(m, val_batches(), device, c.add)
+        last["subset_error"] = c.subset_error
+        return float(c.errors), float(c.n)
 
-    jitter_px = int(train_cfg.get("jitter") or 0)
-    max_norm = train_cfg.get("max_norm")
-    for epoch in range(start_epoch, epochs):
-        if stopped:
-            break
-        torch.manual_seed(int(seed) * 100_003 + epoch)  # dropout masks: same with or without resume
-        gen = torch.Generator().manual_seed(int(seed) * 100_003 + epoch)
-        stats = train_one_epoch(model, batches(epoch), optimizer, loss_fn, scheduler,
-                                max_norm=max_norm, jitter_pixels=jitter_px, device=device, generator=gen)
-        logits = predict_logits(model, x_val, eval_batch_size, device)
-        val_error = _task_error(logits, yv, correction)
-        row = {"epoch": epoch, "train_loss": stats["loss"], "val_error": val_error,
-               "val_subset_error": _subset_error(logits, yv, mapper.dustbin),
-               "seconds": stats["seconds"], "lr": stats["lr"]}
-        stopped = stopper.step(val_error)
-        if stopper.improved:
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        history.append(row)
-        _save_state(resume_uri, {
-            "fingerprint": fingerprint, "epoch": epoch, "stopped": stopped,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "best_model": best_state, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "early_stopping": stopper.state_dict(),
-            "history": history, "started_at": started_at,
-        })
+    def checkpoint(st, metrics):
+        _save_resume(resume_uri, st, spec, input_shape, num_classes)
+
+    def on_epoch(st, row):
         if report is not None:
-            report({**row, "best_val_error": stopper.best, "best_epoch": stopper.best_epoch})
+            report({**row, "best_val_error": st.meta["best_val_error"], "best_epoch": st.meta["best_epoch"]})
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    def evaluate_and_note(m):
+        out = evaluate(m)
+        # the history row is written after evaluate: note the subset error for it
+        state.meta.setdefault("_subset_errors", {})[str(state.next_epoch)] = last["subset_error"]
+        return out
+
+    loss_fn = lambda out, batch: torch.nn.functional.cross_entropy(out, batch["y"])  # noqa: E731
+    run_epochs(state, batches(), loss_fn, evaluate=evaluate_and_note, checkpoint=checkpoint,
+               report=on_epoch, name=f"specialist {extra.get('index', '') if extra else ''}".strip(), seed=seed)
+
+    model = state.model
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     model.eval()
-    best = history[stopper.best_epoch] if 0 <= stopper.best_epoch < len(history) else {}
+    subset_errors = state.meta.get("_subset_errors", {})
+    history = [dict(h, val_subset_error=subset_errors.get(str(h["epoch"]))) for h in state.meta["history"]]
+    best_epoch = int(state.meta["best_epoch"])
+    best = next((h for h in history if h["epoch"] == best_epoch), {})
     metrics = {
         "subset": subset.tolist(),
         "num_outputs": mapper.num_outputs,
@@ -241,7 +288,7 @@ def train_specialist(
         "val_error": best.get("val_error"),
         "val_subset_error": best.get("val_subset_error"),
         "generalist_val_error": generalist_task_error,
-        "best_epoch": stopper.best_epoch,
+        "best_epoch": best_epoch,
         "epochs_run": len(history),
         "early_stopped": len(history) < epochs,
         "resumed_from_epoch": resumed_from,
@@ -254,11 +301,11 @@ def train_specialist(
     }
     storage.write_json_atomic(storage.join(out_uri, METRICS_FILE), metrics)
     # model.json last: its presence (with this fingerprint) marks the specialist as done.
-    save_checkpoint(out_uri, model.cpu(), g_meta["spec"], g_meta["input_shape"], num_classes, extra={
+    save_checkpoint(out_uri, model.cpu(), spec, input_shape, num_classes, extra={
         **(extra or {}), "subset": subset.tolist(), "f": f, "dustbin_correction": correction,
-        "fingerprint": fingerprint, "val_error": metrics["val_error"], "best_epoch": stopper.best_epoch,
+        "fingerprint": fingerprint, "val_error": metrics["val_error"], "best_epoch": best_epoch,
     })
-    storage.remove(storage.join(out_uri, RESUME_DIR), recursive=True)
+    storage.remove(resume_uri, recursive=True)
     return metrics
 
 

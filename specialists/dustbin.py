@@ -232,3 +232,93 @@ class HalfSubsetSampler(torch.utils.data.Sampler):
         batches = half_subset_batches(self.labels, self.subset, self.batch_size, self.num_batches, rng)
         for row in batches:
             yield row.tolist()
+
+
+# -------------------------------------------------------------------------------------------------
+# Half/half batches from a stream (what the specialists stage trains on)
+# -------------------------------------------------------------------------------------------------
+
+def half_subset_steps(n_subset: int, batch_size: int) -> int:
+    """Steps of one specialist epoch: one pass over the subset's examples, B // 2 of them a step."""
+    return max(1, int(n_subset) // max(1, int(batch_size) // 2))
+
+
+def half_subset_stream(chunks, subset: ArrayLike, batch_size: int, steps: int, n_subset: int, n_rest: int,
+                       generator: torch.Generator, num_classes: int, reservoir: int = 4096):
+    """`steps` batches of one epoch, each exactly B // 2 rows of the subset and B - B // 2 rows of the
+    rest, cut from a stream of chunks (dicts of tensors with "x" and global labels "y", in a
+    shuffled order) — the streaming form of `half_subset_batches`: no split is ever held whole.
+
+    Subset rows are used in stream order (one pass over S per epoch when steps = n_S // (B // 2)).
+    Rest rows are thinned at random to about what the epoch needs (each kept with probability
+    ~1.25 x needed / n_rest), so the rest half is a uniform sample of the rest at its natural class
+    proportions, as `dustbin_correction` assumes. When the rest runs short (a subset holding most
+    of the data), rows are drawn again from a reservoir of the last `reservoir` kept rest rows.
+    Yields batches {"x", "y" (the specialist's labels: subset position or dustbin), **other columns};
+    deterministic given the stream and `generator`. Memory: a few chunks plus the reservoir.
+    """
+    half_in = int(batch_size) // 2
+    half_out = int(batch_size) - half_in
+    if half_in < 1:
+        raise ValueError(f"batch_size must be >= 2 to hold both halves, got {batch_size}")
+    if n_rest <= 0:
+        raise ValueError("every example is in the subset; there is nothing for the dustbin")
+    sub = torch.as_tensor(np.asarray(subset, dtype=np.int64))
+    table = torch.full((int(num_classes),), len(sub), dtype=torch.int64)
+    table[sub] = torch.arange(len(sub))
+    p = min(1.0, 1.25 * steps * half_out / max(1, n_rest))
+    s_buf: Optional[dict] = None
+    r_buf: Optional[dict] = None
+    pool: Optional[dict] = None  # reservoir of rest rows for top-ups
+    done = 0
+
+    def cat(a, b):
+        return b if a is None else {k: torch.cat([a[k], b[k]]) for k in b}
+
+    def take(buf, n):
+        return {k: v[:n] for k, v in buf.items()}, {k: v[n:] for k, v in buf.items()}
+
+    def size(buf):
+        return 0 if buf is None else len(buf["y"])
+
+    def emit(a, b):
+        batch = cat(a, b)
+        perm = torch.randperm(len(batch["y"]), generator=generator).to(batch["y"].device)
+        batch = {k: v[perm] for k, v in batch.items()}
+        batch["y"] = table.to(batch["y"].device)[batch["y"].long()]
+        return batch
+
+    for chunk in chunks:
+        if done >= steps:
+            break
+        chunk = {k: v for k, v in chunk.items() if k != "epoch"}
+        y = chunk["y"].long()
+        inside = torch.isin(y, sub.to(y.device))
+        s_rows = {k: v[inside] for k, v in chunk.items()}
+        keep = ~inside
+        if p < 1.0:
+            keep &= (torch.rand(len(y), generator=generator) < p).to(y.device)
+        r_rows = {k: v[keep] for k, v in chunk.items()}
+        s_buf, r_buf = cat(s_buf, s_rows), cat(r_buf, r_rows)
+        pool = cat(pool, r_rows)
+        if size(pool) > reservoir:
+            pool = {k: v[-reservoir:] for k, v in pool.items()}
+        while done < steps and size(s_buf) >= half_in and size(r_buf) >= half_out:
+            a, s_buf = take(s_buf, half_in)
+            b, r_buf = take(r_buf, half_out)
+            done += 1
+            yield emit(a, b)
+    while done < steps and size(s_buf) >= half_in:  # the rest ran short: top up from the reservoir
+        if size(pool) == 0:
+            raise ValueError("the stream held no example outside the subset")
+        a, s_buf = take(s_buf, half_in)
+        have = size(r_buf)
+        b, r_buf = take(r_buf, min(have, half_out)) if have else (None, r_buf)
+        if size(b) < half_out:
+            idx = torch.randint(0, size(pool), (half_out - size(b),), generator=generator).to(pool["y"].device)
+            b = cat(b, {k: v[idx] for k, v in pool.items()})
+        done += 1
+        yield emit(a, b)
+    if done < steps:
+        raise ValueError(f"the epoch's stream held {n_subset} subset rows by its counts but ran out after "
+                         f"{done} of {steps} half/half steps")

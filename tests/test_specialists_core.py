@@ -378,3 +378,41 @@ def test_log_q_is_exact_for_underflowing_tail():
     # The tail class is outside the active subset: log q = log p_g + (row scale), same shift as class 4.
     log_pg = torch.log_softmax(logits.double(), 1)
     assert abs(float((log_q[0, 5] - log_pg[0, 5]) - (log_q[0, 4] - log_pg[0, 4]))) < 1e-3
+
+
+def test_half_subset_stream_gives_exact_halves_from_a_stream():
+    from specialists.dustbin import half_subset_steps, half_subset_stream
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 3000)
+    x = np.arange(3000, dtype=np.float32)[:, None]
+    subset = [2, 5]
+    n_in = int(np.isin(y, subset).sum())
+    steps = half_subset_steps(n_in, 20)
+
+    def chunks():
+        for s in range(0, 3000, 256):
+            yield {"x": torch.from_numpy(x[s:s + 256]), "y": torch.from_numpy(y[s:s + 256]),
+                   "epoch": torch.zeros(len(y[s:s + 256]), dtype=torch.int64)}
+
+    def run(seed):
+        return list(half_subset_stream(chunks(), subset, 20, steps, n_in, 3000 - n_in, torch.Generator().manual_seed(seed), 6))
+
+    batches = run(1)
+    assert len(batches) == steps and all(len(b["y"]) == 20 for b in batches)
+    assert all(int((b["y"] < 2).sum()) == 10 and int((b["y"] == 2).sum()) == 10 for b in batches)  # 2 = dustbin
+    ids = torch.cat([b["x"][:, 0] for b in batches]).long().numpy()
+    inside = ids[np.isin(y[ids], subset)]
+    assert len(set(inside.tolist())) == len(inside) == steps * 10  # one pass over S, no repeats
+    mapped = np.where(y[ids] == 2, 0, np.where(y[ids] == 5, 1, 2))
+    assert (torch.cat([b["y"] for b in batches]).numpy() == mapped).all()  # labels follow their rows
+    rest = y[ids][~np.isin(y[ids], subset)]
+    assert set(np.unique(rest)) == {0, 1, 3, 4}  # the rest half samples every other class
+    again = run(1)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(batches, again))
+    # a subset holding most of the data: the rest half is topped up from what the stream held
+    big = [0, 1, 2, 3, 4]
+    n_big = int(np.isin(y, big).sum())
+    s_big = half_subset_steps(n_big, 20)
+    out = list(half_subset_stream(chunks(), big, 20, s_big, n_big, 3000 - n_big, torch.Generator().manual_seed(0), 6))
+    assert len(out) == s_big and all(int((b["y"] == 5).sum()) == 10 for b in out)

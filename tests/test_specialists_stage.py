@@ -120,7 +120,7 @@ def test_a_specialist_that_keeps_failing_fails_the_stage_and_a_rerun_trains_only
     done = os.path.join(root, "specialists", "spec_000", "model.pt")
     before = os.stat(done).st_mtime_ns
     assert not os.path.exists(os.path.join(root, "specialists", "spec_001", "model.json"))
-    assert os.path.exists(os.path.join(root, "specialists", "spec_001", "_resume", "state.pt"))
+    assert os.path.exists(os.path.join(root, "specialists", "spec_001", "_resume", "trainer.json"))
 
     monkeypatch.delenv(spec_stage.FAIL_ENV)
     res = run_stage(cfg, "specialists")
@@ -175,12 +175,29 @@ def test_an_interrupted_specialist_resumes_to_the_same_weights(tmp_path):
         _interrupted_specialist_resumes(tmp_path)
 
 
+def _in_memory_streams(x, y, xv, yv, chunk=100):
+    """Streams shaped like the Ray Data ones the stage hands `train_specialist`."""
+    def epoch_chunks(e):
+        perm = np.random.default_rng([0, e]).permutation(len(x))
+        for s in range(0, len(x), chunk):
+            idx = perm[s:s + chunk]
+            yield {"x": torch.from_numpy(x[idx]), "y": torch.from_numpy(y[idx]), "epoch": torch.full((len(idx),), e)}
+
+    def val_batches():
+        for s in range(0, len(xv), 128):
+            yield {"x": torch.from_numpy(xv[s:s + 128]), "y": torch.from_numpy(yv[s:s + 128])}
+
+    return epoch_chunks, val_batches
+
+
 def _interrupted_specialist_resumes(tmp_path):
     from pipeline.models import build_model, save_checkpoint
 
     torch.manual_seed(0)
     x, y = _blobs(1200, 0)
     xv, yv = _blobs(300, 1)
+    counts = np.bincount(y, minlength=6)
+    chunks, val = _in_memory_streams(x, y, xv, yv)
     gen = build_model({"arch": "mlp", "hidden": [16], "dropout": 0.1}, (10,), 6)
     save_checkpoint(str(tmp_path / "gen"), gen, {"arch": "mlp", "hidden": [16], "dropout": 0.1}, (10,), 6)
     cfg = {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 1e-2, "schedule": "cosine", "patience": 5}
@@ -189,13 +206,18 @@ def _interrupted_specialist_resumes(tmp_path):
         if row["epoch"] == 1:
             raise RuntimeError("worker died")
 
+    def train(out, fp, report=None):
+        return train_specialist(str(tmp_path / "gen"), [2, 4], chunks, val, counts, cfg, str(tmp_path / out),
+                                fingerprint=fp, report=report)
+
     with pytest.raises(RuntimeError, match="worker died"):
-        train_specialist(str(tmp_path / "gen"), [2, 4], x, y, xv, yv, cfg, str(tmp_path / "a"), fingerprint="fp",
-                         report=crash)
+        train("a", "fp", crash)
     assert not is_complete(str(tmp_path / "a"), "fp")
-    resumed = train_specialist(str(tmp_path / "gen"), [2, 4], x, y, xv, yv, cfg, str(tmp_path / "a"), fingerprint="fp")
-    straight = train_specialist(str(tmp_path / "gen"), [2, 4], x, y, xv, yv, cfg, str(tmp_path / "b"), fingerprint="fp")
+    resumed = train("a", "fp")
+    straight = train("b", "fp")
     assert resumed["resumed_from_epoch"] == 2 and straight["resumed_from_epoch"] is None
+    assert resumed["f"] == pytest.approx(np.isin(y, [2, 4]).mean())
+    assert len(straight["history"]) == 3 and straight["history"][0]["val_subset_error"] is not None
     assert is_complete(str(tmp_path / "a"), "fp") and not is_complete(str(tmp_path / "a"), "other")
     a, _ = load_checkpoint(str(tmp_path / "a"))
     b, _ = load_checkpoint(str(tmp_path / "b"))
@@ -203,9 +225,8 @@ def _interrupted_specialist_resumes(tmp_path):
         assert torch.equal(va, vb), k
     # Resume state from other inputs (another fingerprint) is ignored, not loaded.
     with pytest.raises(RuntimeError):
-        train_specialist(str(tmp_path / "gen"), [2, 4], x, y, xv, yv, cfg, str(tmp_path / "c"), fingerprint="one",
-                         report=crash)
-    fresh = train_specialist(str(tmp_path / "gen"), [2, 4], x, y, xv, yv, cfg, str(tmp_path / "c"), fingerprint="two")
+        train("c", "one", crash)
+    fresh = train("c", "two")
     assert fresh["resumed_from_epoch"] is None
 
 
