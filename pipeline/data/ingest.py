@@ -61,8 +61,8 @@ from pipeline.config import FORMATS, SyntheticConfig
 from pipeline.data.shards import (FORMAT_VERSION, MANIFEST, SHARD_RE, SPLITS, encode_image_shard, encode_shard,
                                   prefetch, sample_key, shard_name)
 from pipeline.data.sources import (DEFAULT_TEST_FRACTION, LOADERS, SYNTHETIC_BLOCK, ImageBatch, RawData,  # noqa: F401
-                                   SyntheticGenerator, _check_labels, _log, load_synthetic, make_synthetic,
-                                   read_idx, synthetic_config)
+                                   SyntheticGenerator, _check_labels, _log, load_cifar, load_digits, load_folder,
+                                   load_idx, load_npz, load_synthetic, make_synthetic, read_idx, synthetic_config)
 from pipeline.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
