@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -385,12 +386,14 @@ class _TailKeeper:
 # What a job prints when its working directory (the runtime_env copy Ray unpacked) disappeared
 # under it: seen when a second Ray node on the same machine shares the head's temp dir and removes
 # the head's unpacked working dirs (cluster/README.md, "Two nodes on one machine").
-_VANISHED_WD_SIGNS = ("getcwd: No such file or directory", "Intel oneMKL FATAL ERROR: Cannot load")
+# getcwd as bash ("getcwd: cannot access parent directories: No such file or directory"), dash
+# ("getcwd() failed: No such file or directory") and Python tools word it.
+_VANISHED_WD = re.compile(r"getcwd[^\n]{0,60}No such file or directory|Intel oneMKL FATAL ERROR: Cannot load")
 
 
 def vanished_working_dir_hint(log_text: str) -> Optional[str]:
     """A sentence naming the likely cause when a failed job's log shows its working dir vanished."""
-    if not any(sign in log_text for sign in _VANISHED_WD_SIGNS):
+    if not _VANISHED_WD.search(log_text):
         return None
     return ("the job's working directory vanished while it ran (its log shows "
             "'getcwd: No such file or directory' or 'Intel oneMKL FATAL ERROR: Cannot load "

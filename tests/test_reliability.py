@@ -316,15 +316,45 @@ def test_an_unloadable_latest_checkpoint_is_named_before_ray_train_retries(tmp_p
 # ------------------------------------------------------------------------------------------------
 # submit: a job whose working dir vanished
 
-def test_submit_names_the_likely_cause_of_a_vanished_working_dir():
+@pytest.mark.parametrize("log", [
+    "shell-init: error retrieving current directory: getcwd: cannot access parent directories: No such file or directory",
+    "sh: 0: getcwd() failed: No such file or directory",
+    "Intel oneMKL FATAL ERROR: Cannot load /tmp/ray/session_x/runtime_resources/pip/x/libtorch_cpu.so.",
+])
+def test_submit_names_the_likely_cause_of_a_vanished_working_dir(log):
     from pipeline.submit import vanished_working_dir_hint
 
-    log = ("shell-init: error retrieving current directory: getcwd: cannot access parent directories: "
-           "getcwd: No such file or directory\nIntel oneMKL FATAL ERROR: Cannot load "
-           "/tmp/ray/session_x/runtime_resources/pip/.../libtorch_cpu.so.\n")
-    hint = vanished_working_dir_hint(log)
+    hint = vanished_working_dir_hint("some output\n" + log + "\nmore output\n")
     assert hint and "--temp-dir" in hint and "cluster/README.md" in hint
-    assert vanished_working_dir_hint("ValueError: something else\n") is None
+    assert vanished_working_dir_hint("FileNotFoundError: No such file or directory: 'x.yaml'\n") is None
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_submit_prints_the_cause_when_a_real_job_shows_a_vanished_working_dir(tmp_path, monkeypatch):
+    """Through a real token-authenticated Ray head and the Jobs API: a job that dies with the
+    oneMKL message gets the hint; a job that fails otherwise does not."""
+    import io
+
+    from _raycluster import new_cluster
+    from pipeline import submit as S
+
+    cluster = new_cluster()
+    try:
+        cluster.start_head(num_cpus=1, object_store_mb=100)
+        monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+        dying = ("python -c \"import sys; print('Intel oneMKL FATAL ERROR: Cannot load "
+                 "/tmp/ray/session_x/runtime_resources/working_dir_files/x/libtorch_cpu.so.', flush=True); "
+                 "sys.exit(1)\"")
+        out, err = io.StringIO(), io.StringIO()
+        assert S.submit_entrypoint(cluster.dashboard_url, dying, {}, timeout_s=120, out=out, err=err) == 1
+        assert "FAILED" in err.getvalue() and "its own `ray start --temp-dir" in err.getvalue(), err.getvalue()
+        out, err = io.StringIO(), io.StringIO()
+        assert S.submit_entrypoint(cluster.dashboard_url, "python -c 'import sys; sys.exit(3)'", {},
+                                   timeout_s=120, out=out, err=err) == 1
+        assert "FAILED" in err.getvalue() and "--temp-dir" not in err.getvalue()
+    finally:
+        cluster.stop()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,10 +411,11 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_stale_ray_current_cluster_does_not_break_a_local_run():
     """A killed `ray start` leaves {RAY_TMPDIR}/ray/ray_current_cluster naming a dead cluster; a
-    local run must start its own Ray anyway (a plain ray.init() tried to join it). Not marked slow:
-    one 1-CPU local Ray, ~20 s."""
+    local run must start its own Ray anyway (a plain ray.init() tried to join it). One 1-CPU
+    local Ray, ~20 s."""
     tmp = _ray_tmpdir()
     try:
         os.makedirs(os.path.join(tmp, "ray"))
