@@ -217,16 +217,7 @@ def acquire_output_lock(out: str) -> dict:
           "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
           "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
     data = (json.dumps(me, indent=2) + "\n").encode()
-    if storage.is_remote(out):
-        fs, path = storage.get_fs(out)
-        bucket = path.split("/", 1)[0]
-        try:
-            fs.info(bucket)  # an unreachable endpoint raises here (the CLI names it)
-        except FileNotFoundError:
-            where = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-            raise UserError(f"output_dir {out}: bucket '{bucket}' does not exist at {where} (or these "
-                            "credentials cannot see it); create it, or fix the bucket name in output_dir "
-                            "(or AWS_ENDPOINT_URL if it should live elsewhere)") from None
+    storage.require_bucket(out, "output_dir")
     for _ in range(3):
         try:
             if _create_exclusive(uri, data):

@@ -44,6 +44,24 @@ def _s3_options() -> dict[str, Any]:
     return opts
 
 
+def require_bucket(uri: str, what: str) -> None:
+    """For an s3:// `uri`: UserError naming the bucket (and endpoint) when it does not exist; an
+    unreachable endpoint raises botocore's error, which the CLI turns into a message of its own."""
+    if not str(uri).startswith(("s3://", "s3a://")):
+        return
+    from pipeline.errors import UserError
+
+    fs, path = get_fs(uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        where = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        raise UserError(f"{what} {uri}: bucket '{bucket}' does not exist at {where} (or these credentials "
+                        f"cannot see it); create it, or fix the bucket name in {what} (or AWS_ENDPOINT_URL "
+                        "if it should live elsewhere)") from None
+
+
 def get_fs(uri: str):
     """Return (filesystem, path-within-filesystem) for a local path or URI."""
     uri = str(uri)
