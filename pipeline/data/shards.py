@@ -164,6 +164,41 @@ def encode_shard(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[str]) ->
 # Decoding
 # ---------------------------------------------------------------------------------------------
 
+def _walk_plain_tar(data: bytes) -> Optional[list[tuple[str, int, int]]]:
+    """`_index_tar` for plain ustar archives (what this project and webdataset's TarWriter write),
+    reading the 512-byte headers directly: ~20x faster than the tarfile module per member, which
+    matters for shards of many small encoded images. None for anything else (pax or GNU long-name
+    records, a bad checksum, damage): the caller then falls back to `_index_tar`."""
+    out = []
+    n, off = len(data), 0
+    while off + _BLOCK <= n:
+        h = data[off:off + _BLOCK]
+        if not any(h):
+            tail = data[off:]
+            if len(tail) < 2 * _BLOCK or any(tail):
+                return None
+            return out
+        try:
+            size = int(h[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+            stored = int(h[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+        except ValueError:
+            return None
+        if stored != sum(h[:148]) + 8 * 32 + sum(h[156:]):
+            return None
+        kind = h[156:157]
+        if kind not in (b"0", b"\0", b"5"):
+            return None  # pax headers, GNU long names, links...: the tarfile module handles those
+        mname = h[:100].split(b"\0", 1)[0]
+        if h[257:262] == b"ustar" and h[345]:
+            mname = h[345:500].split(b"\0", 1)[0] + b"/" + mname
+        if off + _BLOCK + size > n:
+            return None
+        if kind != b"5":
+            out.append((mname.decode("utf-8", "replace"), off + _BLOCK, size))
+        off += _BLOCK + _padded(size)
+    return None
+
+
 def _index_tar(data: bytes, name: str) -> list[tuple[str, int, int]]:
     """(member name, payload offset, payload size) of every regular file, in tar order."""
     out = []
@@ -365,7 +400,7 @@ def decode_shard(data: bytes, name: str = "shard") -> tuple[np.ndarray, np.ndarr
     labels_at: dict[str, tuple[int, int]] = {}
     order: list[str] = []
     kinds = set()
-    for mname, off, size in _index_tar(data, name):
+    for mname, off, size in _walk_plain_tar(data) or _index_tar(data, name):
         key, ext = _split_member(mname)
         if ext == INPUT_EXT or ext.lower() in IMAGE_EXTS:
             if key in inputs:
