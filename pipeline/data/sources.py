@@ -353,7 +353,6 @@ _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 # Files read at once by the thread pools of `load_folder` and `_FolderFetch` (Pillow releases the
 # GIL while it decodes, and S3 reads are round trips, so threads overlap both).
 _READ_WORKERS = max(4, min(32, 4 * (os.cpu_count() or 1)))
-_MAX_NAMED = 50  # bad files named one per line in the error message (all are counted)
 
 
 def _image_uri(source: str, path: str) -> str:
@@ -496,9 +495,8 @@ def load_folder(source: str, **_: Any) -> RawData:
                 colour[i] = ch == 3
             bar.update(1)
     if bad:
-        shown = "\n  ".join(f"{u}: {why}" for u, why in bad[:_MAX_NAMED])
-        more = f"\n  ... and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
-        raise UserError(f"{source}: {len(bad)} of {n} image file(s) cannot be read or decoded:\n  {shown}{more}\n"
+        shown = "\n  ".join(f"{u}: {why}" for u, why in sorted(bad))  # every one, one per line
+        raise UserError(f"{source}: {len(bad)} of {n} image file(s) cannot be read or decoded:\n  {shown}\n"
                         "Replace or delete these files (or move them out of the folder) and ingest again; "
                         "nothing was written")
     fetch = _FolderFetch(fs, paths, exts, source)
