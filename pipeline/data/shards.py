@@ -625,15 +625,20 @@ def _check_images(blobs: np.ndarray, keys: list[str]) -> list[str]:
     """Every encoded image decodes with Pillow (fully: a truncated JPEG opens but fails to load)."""
     from PIL import Image
 
-    bad = []
-    for key, blob in zip(keys, blobs):
+    def check(item: tuple[str, bytes]) -> Optional[str]:
+        key, blob = item
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 if im.format == "JPEG":
                     im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for damaged data
-            bad.append(f"{key}: {type(e).__name__}: {e}")
+            return f"{key}: {type(e).__name__}: {e}"
+        return None
+
+    # Pillow releases the GIL while decoding, so threads check a shard's images side by side.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="distill-verify") as ex:
+        bad = [r for r in ex.map(check, zip(keys, blobs)) if r is not None]
     if not bad:
         return []
     return [f"{len(bad)} image(s) not decodable, e.g. {bad[0]}"]
