@@ -95,9 +95,9 @@ def test_random_search_with_trials_reading_the_cache_themselves(ray_local, tiny_
 
 
 def test_bad_search_space_is_a_user_error(tmp_path):
-    cfg = tiny_config(str(tmp_path / "run"), **{"tune.T": [], "tune.alpha": [1.5]})
+    # refused when the config is loaded, before any upstream stage runs
     with pytest.raises(UserError) as e:
-        tune_stage.run(cfg)
+        tiny_config(str(tmp_path / "run"), **{"tune.T": [], "tune.alpha": [1.5]})
     assert "tune.T" in str(e.value) and "tune.alpha" in str(e.value)
 
 
