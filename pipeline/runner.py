@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -156,10 +157,25 @@ def check_output_dir(out: str) -> None:
                         "fix its permissions")
 
 
+# The holder rewrites its lock every LOCK_HEARTBEAT_S; a lock of another host whose heartbeat is
+# older than LOCK_STALE_S is from a run that is gone (a killed job driver, a replaced head pod).
+LOCK_HEARTBEAT_S = 60.0
+LOCK_STALE_S = 600.0
+
+
+def _age_s(stamp: Optional[str]) -> Optional[float]:
+    try:
+        return (datetime.now(timezone.utc) - datetime.fromisoformat(str(stamp))).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
 def _holder_alive(holder: dict) -> bool:
-    """False only when the holder ran on this host and its pid is gone (or is this process)."""
+    """False when the holder ran on this host and its pid is gone (or is this process), or ran
+    elsewhere and its heartbeat stopped more than LOCK_STALE_S ago."""
     if holder.get("host") != socket.gethostname():
-        return True  # cannot tell from here
+        age = _age_s(holder.get("heartbeat_at") or holder.get("started_at"))
+        return age is None or age < LOCK_STALE_S
     pid = int(holder.get("pid") or 0)
     if pid == os.getpid() or pid <= 0:
         return False
@@ -213,10 +229,11 @@ def acquire_output_lock(out: str) -> dict:
     live run has it. A lock left by a dead process on this host is taken over."""
     check_output_dir(out)
     uri = storage.join(out, LOCK)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-          "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+          "started_at": now, "heartbeat_at": now,
           "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
-    data = (json.dumps(me, indent=2) + "\n").encode()
+    data = _lock_bytes(me)
     storage.require_bucket(out, "output_dir")
     for _ in range(3):
         try:
@@ -235,15 +252,38 @@ def acquire_output_lock(out: str) -> dict:
             who = (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
                    f"{holder.get('started_at', '?')}" + (f", `{holder['command']}`" if holder.get("command") else "")
                    if holder else "an unreadable lock file")
+            stale = ""
+            if holder and holder.get("host") != socket.gethostname():
+                stale = (f" (a lock of another host is taken over once its heartbeat, renewed every "
+                         f"{LOCK_HEARTBEAT_S:.0f} s, is {LOCK_STALE_S / 60:.0f} min old)")
             raise UserError(
                 f"output_dir {out} is in use by another distill run ({who}); two runs in one output_dir "
                 f"would train into the same checkpoints. Wait for it to finish, use another output_dir, "
-                f"or, if that run is gone (its host rebooted or it ran elsewhere), delete {uri}")
+                f"or, if that run is gone, delete {uri}{stale}")
         log(f"taking over the lock of a run that is gone (host {holder.get('host')}, pid {holder.get('pid')}, "
-            f"started {holder.get('started_at')})")
+            f"started {holder.get('started_at')}, last heartbeat {holder.get('heartbeat_at', '?')})")
         storage.remove(uri)
     raise UserError(f"output_dir {out}: could not take the lock {uri} (another run keeps taking it); "
                     "wait for the other run to finish")
+
+
+def _lock_bytes(me: dict) -> bytes:
+    return (json.dumps(me, indent=2) + "\n").encode()
+
+
+def _heartbeat(out: str, me: dict, stop: threading.Event) -> None:
+    """Renew the lock's heartbeat_at while the run lasts (only while the lock is still ours)."""
+    uri = storage.join(out, LOCK)
+    while not stop.wait(LOCK_HEARTBEAT_S):
+        try:
+            holder = _read_lock(uri)
+            if not holder or holder.get("token") != me["token"]:
+                log(f"warning: the lock {uri} is no longer this run's; another run may be writing here")
+                return
+            me["heartbeat_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            storage.write_bytes_atomic(uri, _lock_bytes(me))
+        except Exception:  # noqa: BLE001 - a missed heartbeat (network blip) is retried next time
+            continue
 
 
 def release_output_lock(out: str, me: dict) -> None:
@@ -263,9 +303,14 @@ def output_lock(out: str) -> Iterator[dict]:
         return
     me = acquire_output_lock(out)
     _HELD[out] = me
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(out, me, stop), name="distill-lock-heartbeat", daemon=True)
+    beat.start()
     try:
         yield me
     finally:
+        stop.set()
+        beat.join(timeout=30)
         _HELD.pop(out, None)
         release_output_lock(out, me)
 

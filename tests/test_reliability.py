@@ -146,14 +146,37 @@ def test_a_second_run_on_one_output_dir_is_refused_naming_the_holder(where, tmp_
     assert not storage.exists(storage.join(out, runner.LOCK))
 
 
-def test_a_lock_of_another_host_is_not_taken_over(tmp_path, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
+def _other_host_lock(out, age_s: float) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    beat = (datetime.now(timezone.utc) - timedelta(seconds=age_s)).isoformat(timespec="seconds")
+    out.mkdir(exist_ok=True)
     (out / runner.LOCK).write_text(json.dumps({"host": "elsewhere-node", "pid": 1, "token": "t",
-                                               "started_at": "2026-01-01T00:00:00+00:00"}))
-    _expect_2(capsys, ["stage", "data", _yaml(tmp_path, "{}\n"), f"output_dir={out}"],
-              "host elsewhere-node, pid 1, started 2026-01-01T00:00:00+00:00")
+                                               "started_at": "2026-01-01T00:00:00+00:00", "heartbeat_at": beat}))
+
+
+def test_a_lock_of_another_host_is_taken_over_only_when_its_heartbeat_stopped(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, "{}\n")
+    _other_host_lock(out, age_s=30)  # renewed 30 s ago: that run is alive
+    _expect_2(capsys, ["stage", "data", cfg, f"output_dir={out}"],
+              "host elsewhere-node, pid 1, started 2026-01-01T00:00:00+00:00", "taken over once its heartbeat")
     assert json.loads((out / runner.LOCK).read_text())["host"] == "elsewhere-node"
+    _other_host_lock(out, age_s=runner.LOCK_STALE_S + 60)  # a killed job driver, a replaced head pod
+    code, _, err = run_cli(["stage", "data", cfg, f"output_dir={out}", *TINY_DATA], capsys)
+    assert code == 0 and "taking over the lock of a run that is gone (host elsewhere-node" in err, err
+    assert not (out / runner.LOCK).exists()
+
+
+def test_the_lock_heartbeat_is_renewed_while_a_run_lasts(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "LOCK_HEARTBEAT_S", 0.2)
+    out = str(tmp_path / "run")
+    with runner.output_lock(out) as me:
+        first = json.loads(storage.read_bytes(storage.join(out, runner.LOCK)))["heartbeat_at"]
+        time.sleep(1.6)
+        now = json.loads(storage.read_bytes(storage.join(out, runner.LOCK)))
+        assert now["token"] == me["token"] and now["heartbeat_at"] > first
+    assert not storage.exists(storage.join(out, runner.LOCK))
 
 
 # ------------------------------------------------------------------------------------------------
