@@ -110,6 +110,11 @@ def run_pipeline(cfg: Config, only: Optional[Iterable[str]] = None, force: bool 
     results = {}
     t0 = time.perf_counter()
     with output_lock(cfg.output_dir):
+        # Buckets the stages read or write besides output_dir: named now, not in a traceback later.
+        for key, uri in (("data.source", cfg.data.source), ("data.uri", cfg.data.uri),
+                         ("targets.uri", cfg.targets.uri)):
+            if uri:
+                storage.require_bucket(uri, key)
         for stage in stages:
             results[stage] = run_stage(cfg, stage, force=force)
     if not only or "report" in stages:

@@ -187,7 +187,11 @@ def test_missing_bucket_and_wrong_endpoint(s3_server, tmp_path, capsys, monkeypa
     cfg = _yaml(tmp_path, "{}\n")
     for argv in (["run", cfg], ["stage", "data", cfg]):
         _expect_2(capsys, [*argv, "output_dir=s3://no-such-bucket-distill/run"],
-                  "bucket 'no-such-bucket-distill' does not exist", "create it")
+                  "output_dir s3://no-such-bucket-distill/run: bucket 'no-such-bucket-distill' does not exist",
+                  "create it")
+    for key in ("data.uri", "targets.uri"):
+        _expect_2(capsys, ["stage", "data", cfg, f"output_dir={tmp_path / 'run'}", f"{key}=s3://no-such-bucket-distill/x"],
+                  f"{key} s3://no-such-bucket-distill/x: bucket 'no-such-bucket-distill' does not exist")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on discard
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     for argv in (["run", cfg, "output_dir=s3://some-bucket/run"], ["stage", "teacher", cfg, "output_dir=s3://some-bucket/run"],
