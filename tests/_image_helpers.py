@@ -27,7 +27,7 @@ def write_fashion_folder(root, n_train: int = 400, n_test: int = 100, sizes=(32,
     """Fashion-MNIST images as root/{train,test}/CLASS/NNNNN.jpg|png (layout "split") or
     root/CLASS/... ("flat"): each resized to its own random width and height in `sizes`, every
     `png_every`-th one a PNG (the rest JPEG, quality 90), every `rgb_every`-th one RGB (the rest
-    greyscale). Returns {split: number of files} and the total bytes under "bytes"."""
+    greyscale); 0 means none. Returns {split: number of files} and the total bytes under "bytes"."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -37,12 +37,12 @@ def write_fashion_folder(root, n_train: int = 400, n_test: int = 100, sizes=(32,
         for i in range(len(x)):
             w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
             im = Image.fromarray(x[i]).resize((w, h), Image.BICUBIC)
-            if k % rgb_every == 0:
+            if rgb_every and k % rgb_every == 0:
                 im = im.convert("RGB")
             folder = os.path.join(root, split, FASHION_FOLDERS[y[i]]) if layout == "split" else \
                 os.path.join(root, FASHION_FOLDERS[y[i]])
             os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{split}{i:05d}.{'png' if k % png_every == 0 else 'jpg'}")
+            path = os.path.join(folder, f"{split}{i:05d}.{'png' if png_every and k % png_every == 0 else 'jpg'}")
             if path.endswith(".png"):
                 im.save(path, format="PNG")
             else:
