@@ -236,9 +236,37 @@ def with_classes(items: Sequence[dict], classes: Sequence[int], invert: bool = F
 # Datasets
 
 
+def needs_transform(manifest: Optional[dict], augment: Any = None) -> bool:
+    """Whether rows need `pipeline.transforms` before a model sees them: encoded images always
+    (decode), stored pixels when the stage configures augmentation."""
+    if manifest is None:
+        return False
+    return manifest.get("encoding") == "image" or bool(augment)
+
+
+def with_transform(ds, manifest: Optional[dict], augment: Any, train: bool, seed: int,
+                   read_cpus: float = DEFAULT_READ_CPUS, concurrency: int = DEFAULT_READ_CONCURRENCY):
+    """`ds` with decode/augmentation applied in CPU tasks of the data pipeline (`map_batches`):
+    the training view (`train`: random crops/flips seeded per (seed, key, epoch)) or the
+    deterministic view of evaluation and inference. A no-op for datasets that need none."""
+    import ray.data
+
+    if not needs_transform(manifest, augment):
+        return ds
+    from pipeline import transforms
+
+    if hasattr(augment, "model_dump"):
+        augment = augment.model_dump()
+    fn = transforms.make_batch_transform(augment, manifest, train, int(seed))
+    return ds.map_batches(lambda b: fn(b, None), batch_size=256, num_cpus=float(read_cpus),
+                          compute=ray.data.TaskPoolStrategy(size=max(1, int(concurrency))))
+
+
 def from_items(items: Sequence[dict], read_cpus: float = DEFAULT_READ_CPUS,
-               concurrency: int = DEFAULT_READ_CONCURRENCY):
-    """A Ray Data dataset of the rows of `items` (read lazily, in order of the items)."""
+               concurrency: int = DEFAULT_READ_CONCURRENCY, transform: Optional[dict] = None):
+    """A Ray Data dataset of the rows of `items` (read lazily, in order of the items).
+
+    transform: {"manifest", "augment", "train", "seed"} to decode/augment rows (`with_transform`)."""
     import json
 
     import ray.data
@@ -250,8 +278,13 @@ def from_items(items: Sequence[dict], read_cpus: float = DEFAULT_READ_CPUS,
     # Rows come out in the items' order whatever order the tasks finish in: batches (and so a
     # resumed run, and evaluation row order) are reproducible.
     ds.context.execution_options.preserve_order = True
-    return ds.map_batches(_read_shards, batch_size=1, num_cpus=float(read_cpus),
-                          compute=ray.data.TaskPoolStrategy(size=max(1, min(int(concurrency), len(rows)))), zero_copy_batch=True)
+    ds = ds.map_batches(_read_shards, batch_size=1, num_cpus=float(read_cpus),
+                        compute=ray.data.TaskPoolStrategy(size=max(1, min(int(concurrency), len(rows)))),
+                        zero_copy_batch=True)
+    if transform:
+        ds = with_transform(ds, transform.get("manifest"), transform.get("augment"), bool(transform.get("train")),
+                            int(transform.get("seed") or 0), read_cpus, concurrency)
+    return ds
 
 
 def read_split(data_uri: str, split: str, *, verify: bool = True, manifest: Optional[dict] = None,
@@ -271,10 +304,10 @@ def read_joined(cache_uri: str, which: str = "ensemble", *, data_uri: Optional[s
 
 def training_stream(shards: Sequence[dict], start_epoch: int, epochs: int, seed: int,
                     read_cpus: float = DEFAULT_READ_CPUS, concurrency: int = DEFAULT_READ_CONCURRENCY,
-                    group_rows: int = DEFAULT_GROUP_ROWS):
+                    group_rows: int = DEFAULT_GROUP_ROWS, transform: Optional[dict] = None):
     """One dataset spanning passes start_epoch..epochs-1 over `shards` (see the module docstring)."""
     return from_items(epoch_items(shards, range(int(start_epoch), int(epochs)), seed, group_rows=group_rows),
-                      read_cpus, concurrency)
+                      read_cpus, concurrency, transform)
 
 
 def num_samples(items: Sequence[dict]) -> int:

@@ -296,9 +296,10 @@ def balanced_shards(entries: Sequence[dict], world_size: int, allow_empty: bool 
     restarted worker group reads what the first one read. UserError when a training rank would get
     no shard (allow_empty: evaluation splits, where a rank without shards contributes nothing)."""
     if len(entries) < world_size and not allow_empty:
-        from pipeline.data import readers
-
-        readers.shards_for_worker(list(entries), 0, world_size)  # raises the UserError naming the fix
+        raise UserError(
+            f"the split has {len(entries)} shard(s) but {world_size} workers read it; every worker needs "
+            "at least one shard. Re-ingest with a smaller data.shard_size (e.g. `data.shard_size=1000`) "
+            "or use fewer workers")
     load = [0] * world_size
     out: list[list[int]] = [[] for _ in range(world_size)]
     order = sorted(range(len(entries)), key=lambda i: (-int(entries[i]["num_samples"]), i))
@@ -339,22 +340,32 @@ def latest_position(storage_uri: str, name: str) -> tuple[int, int]:
     return best
 
 
-def build_datasets(data: dict, loader: Any, seed: int, epochs: int, start_epoch: int) -> dict:
+def build_datasets(data: dict, loader: Any, seed: int, epochs: int, start_epoch: int,
+                   transform: Optional[dict] = None) -> dict:
     """The Ray Data datasets a data-parallel job hands to `TorchTrainer(datasets=...)`:
     `train_{rank}` (one stream over the rank's shards for epochs start_epoch..epochs-1, see
     `pipeline.datasets.training_stream`) and `val_{rank}` (the rank's val shards; materialized in the
-    object store when small, so epochs do not re-read them)."""
+    object store when small, so epochs do not re-read them).
+
+    transform: {"manifest", "augment", "train_view"} for image datasets or augmentation: training
+    streams get the training view when train_view is true (the cached student's is false: it must see
+    the view its targets were computed on), val always the deterministic one."""
     from pipeline import datasets
 
     out = {}
+    tr = va = None
+    if transform:
+        tr = {"manifest": transform["manifest"], "augment": transform.get("augment"),
+              "train": bool(transform.get("train_view", True)), "seed": seed}
+        va = dict(tr, train=False)
     for r, shards in enumerate(data["train"]):
         out[f"train_{r}"] = datasets.training_stream(shards, start_epoch, epochs, seed, loader.read_cpus,
-                                                     loader.read_concurrency, loader.group_rows)
+                                                     loader.read_concurrency, loader.group_rows, tr)
     for r, shards in enumerate(data.get("val") or []):
         if not shards:
             continue
         ds = datasets.from_items(datasets.group_items(shards, loader.group_rows), loader.read_cpus,
-                                 loader.read_concurrency)
+                                 loader.read_concurrency, va)
         if sum(int(s.get("bytes") or 0) for s in shards) <= loader.materialize_mb * (1 << 20):
             ds = ds.materialize()
         out[f"val_{r}"] = ds
@@ -362,7 +373,8 @@ def build_datasets(data: dict, loader: Any, seed: int, epochs: int, start_epoch:
 
 
 def data_parallel_job(train_entries: Sequence[dict], val_entries: Sequence[dict], scaling: Any, tcfg: dict,
-                      loader: Any, seed: int, storage_uri: str, name: str) -> tuple[dict, dict]:
+                      loader: Any, seed: int, storage_uri: str, name: str,
+                      transform: Optional[dict] = None) -> tuple[dict, dict]:
     """(loop-config additions, datasets) for a `train_loop` job over shard entries (dataset shards
     from `pipeline.datasets.split_items`, or joined cache shards from `cache_items`): shards balanced
     over ranks, steps per epoch, the streams started where the run's newest checkpoint stands."""
@@ -373,7 +385,7 @@ def data_parallel_job(train_entries: Sequence[dict], val_entries: Sequence[dict]
     steps = steps_per_epoch(train, local_bs)
     start_epoch, _ = latest_position(storage_uri, name)
     ds = build_datasets({"train": train, "val": val}, loader, seed, int(tcfg["epochs"]),
-                        min(start_epoch, int(tcfg["epochs"]) - 1))
+                        min(start_epoch, int(tcfg["epochs"]) - 1), transform)
     extra = {"steps_per_epoch": steps, "local_bs": local_bs, "start_epoch": start_epoch,
              "loader": loader.model_dump() if hasattr(loader, "model_dump") else dict(loader)}
     return extra, ds

@@ -1,5 +1,5 @@
 """Datasets on S3, for real over HTTP: a local `moto` server (conftest `s3_server`) reached through
-s3fs. Ingest, verify and the readers behave exactly as on local disk; large shards go up as
+s3fs. Ingest, verify and the shard reader behave exactly as on local disk; large shards go up as
 multipart uploads; credentials never appear in any output."""
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from _data_helpers import FASHION_DIR, HAVE_FASHION, run_cli
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from pipeline import storage
 from pipeline.data.ingest import ingest
-from pipeline.data.readers import ShardBatchReader
 from pipeline.data.shards import load_split, read_manifest, verify_dataset
 
 pytestmark = pytest.mark.s3
@@ -47,14 +46,15 @@ def test_s3_dataset_is_the_same_as_a_local_one(s3_bucket, tmp_path):
     for split in ("train", "test"):
         for a, b in zip(load_split(local, split), load_split(remote, split)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # readers: same batches from either place, in memory or streamed
-    for cache in (1 << 30, 0):
-        rl = ShardBatchReader.from_split(local, "train", 64, seed=3, rank=1, world_size=2, cache_bytes=cache)
-        rr = ShardBatchReader.from_split(remote, "train", 64, seed=3, rank=1, world_size=2, cache_bytes=cache)
-        assert all(u.startswith("s3://") for u in rr.uris)
-        for (xl, yl), (xr, yr) in zip(rl.epoch_batches(4), rr.epoch_batches(4), strict=True):
-            np.testing.assert_array_equal(xl, xr)
-            np.testing.assert_array_equal(yl, yr)
+    # the streaming path's shard reader (what every Ray Data read task runs): same rows from either
+    # place, each shard's sha256 checked against the manifest on the way
+    from pipeline import datasets
+
+    for el, er in zip(datasets.split_items(local, "train"), datasets.split_items(remote, "train"), strict=True):
+        assert er["uri"].startswith("s3://")
+        a, b = datasets._read_one(el), datasets._read_one(er)
+        np.testing.assert_array_equal(a["x"], b["x"])
+        np.testing.assert_array_equal(a["y"], b["y"])
     # rerunning is a no-op on S3 too
     assert ingest("", remote, "synthetic", shard_size=100, synthetic_overrides=SMALL, progress=False) == mr
 
@@ -166,7 +166,6 @@ def test_fashion_mnist_on_s3(s3_bucket):
     report = json.loads(v.stdout)
     assert v.returncode == 0 and report["ok"] and report["checked"] == 15
     assert report["samples"] == {"train": 54000, "val": 6000, "test": 10000}
-    reader = ShardBatchReader.from_split(uri, "test", batch_size=1000, shuffle=False)
-    x, y = reader.load_all()
+    x, y, _ = load_split(uri, "test")
     assert x.shape == (10000, 1, 28, 28) and np.bincount(y).tolist() == [1000] * 10
     print(f"fashion-mnist on S3 (moto): ingest {ingest_s:.1f}s, verify {verify_s:.1f}s")

@@ -97,13 +97,14 @@ def _streams(job: dict, seed: int, device: Any):
 
     loader = job["loader"]
     train = datasets.split_items(job["data_uri"], "train")
+    view = {"manifest": job["manifest"], "augment": job["train_cfg"].get("augment"), "train": True, "seed": seed}
     val = datasets.from_items(datasets.group_items(datasets.split_items(job["data_uri"], "val"), loader["group_rows"]),
-                              loader["read_cpus"], loader["read_concurrency"])
+                              loader["read_cpus"], loader["read_concurrency"], dict(view, train=False))
     collate = datasets.Collate(device)
 
     def epoch_chunks(e: int):
         ds = datasets.training_stream(train, e, e + 1, seed, loader["read_cpus"], loader["read_concurrency"],
-                                      loader["group_rows"])
+                                      loader["group_rows"], view)
         return ds.iter_torch_batches(batch_size=int(loader["chunk_rows"]), collate_fn=collate,
                                      prefetch_batches=int(loader["prefetch_chunks"]))
 
@@ -211,6 +212,12 @@ def _parallel_slots(sc) -> int:
     return min(slots, sc.max_concurrent) if sc.max_concurrent else slots
 
 
+def read_manifest_dict(cfg: Config) -> dict:
+    from pipeline.data.shards import read_manifest
+
+    return read_manifest(cfg.stage_uri("data"))
+
+
 def _num_classes(cfg: Config) -> int:
     from pipeline.data.shards import read_manifest
 
@@ -233,6 +240,7 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
         "subsets": subsets, "class_names": class_names, "fingerprints": fingerprints,
         "train_cfg": sc.train_dict(), "seed": cfg.seed, "cpus": sc.cpus_per_specialist, "gpus": sc.gpus_per_specialist,
         "loader": cfg.data.loader.model_dump(),
+        "manifest": read_manifest_dict(cfg),
         "class_counts": train_class_counts(cfg.stage_uri("data"), _num_classes(cfg)).tolist(),
         "fail": {"specialists": [int(v) for v in fail_list.split(",") if v.strip()],
                  "once_dir": os.environ.get(FAIL_ONCE_ENV) or None} if fail_list else None,

@@ -137,6 +137,7 @@ TARGET_OF = {"distilled": "ensemble", "distilled_generalist": "generalist"}
 
 def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[dict] = None) -> dict:
     from pipeline.data import shards
+    from pipeline.stages.teacher import model_input_shape
 
     s = cfg.student
     if manifest is None:
@@ -150,7 +151,9 @@ def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[di
         "transfer_split": cfg.data.transfer_split,
         "target": s.target,
         "model": s.model.spec(),
-        "input_shape": [int(v) for v in manifest["input_shape"]],
+        "input_shape": model_input_shape(s.augment, manifest),
+        "manifest": manifest,
+        "augment": s.augment.model_dump() if s.augment is not None else None,
         "num_classes": int(manifest["num_classes"]),
         "train": train,
         "epochs": int(train["epochs"]),
@@ -259,10 +262,12 @@ def train_in_process(job: dict, kind: str, T: float = 1.0, alpha: float = 0.0, l
     bs = int(tcfg["batch_size"])
     entries = train_entries(job, kind, target)
     steps = ray_train.steps_per_epoch([entries], bs)
+    # A cached student sees the deterministic view its targets were computed on (docs/data.md).
+    view = {"manifest": job.get("manifest"), "augment": job.get("augment"), "train": kind != "cached", "seed": seed}
     stream = datasets.training_stream(entries, 0, epochs, seed, loader["read_cpus"], loader["read_concurrency"],
-                                      loader["group_rows"])
+                                      loader["group_rows"], view)
     val = datasets.from_items(datasets.group_items(datasets.split_items(job["data_uri"], "val"), loader["group_rows"]),
-                              loader["read_cpus"], loader["read_concurrency"])
+                              loader["read_cpus"], loader["read_concurrency"], dict(view, train=False))
     torch.manual_seed(seed)
     model = models.build_model(job["model"], job["input_shape"], job["num_classes"])
     state = training.TrainState(model, tcfg, steps, epochs, device)
@@ -330,13 +335,16 @@ def _train_and_evaluate(cfg: Config, lc: dict, entries: list[dict], run_name: st
     from its last checkpoint; runs of earlier configs (same prefix) are deleted.
     """
     from pipeline import datasets, models, ray_train
-    from pipeline.stages.teacher import evaluate_model
+    from pipeline.stages.teacher import evaluate_saved
 
     t0 = time.perf_counter()
     ray_uri = storage.join(cfg.stage_uri("student"), "ray")
     ray_train.remove_other_runs(ray_uri, run_name, prefix)
+    from pipeline.stages.teacher import transform_spec
+
+    view = transform_spec(cfg.student.augment, lc["manifest"], train_view="T" not in lc or cfg.student.mode != "cached")
     extra, dsets = ray_train.data_parallel_job(entries, datasets.split_items(lc["data_uri"], "val"), cfg.student,
-                                               lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, run_name)
+                                               lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, run_name, view)
     lc = dict(lc, **extra)
     result = ray_train.fit(ray_train.train_loop, lc, cfg.student, ray_uri, run_name, cfg.student.max_failures,
                            datasets=dsets)
@@ -344,7 +352,12 @@ def _train_and_evaluate(cfg: Config, lc: dict, entries: list[dict], run_name: st
     with best.as_directory() as d:
         model, _ = models.load_checkpoint(d)
     seconds = time.perf_counter() - t0
-    ev = evaluate_model(cfg, model, lc["data_uri"], "test")
+    # Scored from the student's folder by model replicas on Ray workers; `run` saves it there again
+    # with this entry in its model.json.
+    ckpt_uri = storage.join(cfg.stage_uri("student"), lc["name"].split("-", 1)[1])
+    models.save_checkpoint(ckpt_uri, model, lc["model"], lc["input_shape"], lc["num_classes"],
+                           extra={"stage": "student", "kind": lc["name"], "evaluating": True})
+    ev = evaluate_saved(cfg, ckpt_uri, lc["data_uri"], "test")
     history = last_meta["history"]
     entry = {
         "test_error": ev["test_error"], "test_errors": ev["test_errors"], "test_samples": ev["n"],

@@ -28,6 +28,25 @@ def fingerprint(cfg: Config) -> str:
     return section_fingerprint(cfg.teacher, cfg.seed, marker_fingerprint(cfg, "data"))
 
 
+def model_input_shape(augment, manifest: dict) -> list[int]:
+    """What a stage's model takes: the manifest's input shape, or for images the view its
+    `augment` section produces (`pipeline.transforms.output_shape`)."""
+    from pipeline import datasets
+
+    if not datasets.needs_transform(manifest, augment):
+        return [int(s) for s in manifest["input_shape"]]
+    from pipeline import transforms
+
+    return [int(s) for s in transforms.output_shape(augment.model_dump() if hasattr(augment, "model_dump")
+                                                    else augment, manifest)]
+
+
+def transform_spec(augment, manifest: dict, train_view: bool = True) -> dict:
+    """What `pipeline.ray_train.data_parallel_job` needs to decode/augment a stage's rows."""
+    return {"manifest": manifest, "augment": augment.model_dump() if hasattr(augment, "model_dump") else augment,
+            "train_view": train_view}
+
+
 def loop_config(cfg: Config, manifest: dict) -> dict:
     """What every Ray Train worker needs to train the generalist (plain data, picklable)."""
     from pipeline import ray_train
@@ -39,7 +58,7 @@ def loop_config(cfg: Config, manifest: dict) -> dict:
         "train_split": "train",
         "val_split": "val",
         "model": tc.model.spec(),
-        "input_shape": [int(s) for s in manifest["input_shape"]],
+        "input_shape": model_input_shape(tc.augment, manifest),
         "num_classes": int(manifest["num_classes"]),
         "train": tc.train_dict(),
         "seed": int(cfg.seed),
@@ -60,15 +79,12 @@ def _check_data(cfg: Config, manifest: dict) -> None:
                         "teacher.num_workers or re-ingest with a smaller data.shard_size")
 
 
-def evaluate_model(cfg: Config, model, data_uri: str, split: str) -> dict:
-    """{"test_error", "test_errors", "n"} of `model` on a split, streamed (never loaded whole)."""
-    from pipeline import datasets, training
+def evaluate_saved(cfg: Config, checkpoint_uri: str, data_uri: str, split: str) -> dict:
+    """{"test_error", "test_errors", "n"} of a saved checkpoint on a split, streamed through model
+    replicas on Ray workers (`pipeline.inference`): the driver never runs a model over a split."""
+    from pipeline import inference
 
-    loader = cfg.data.loader
-    ds = datasets.read_split(data_uri, split, read_cpus=loader.read_cpus, concurrency=loader.read_concurrency,
-                             group_rows=loader.group_rows)
-    errors, n = training.evaluate_batches(model, ds.iter_torch_batches(batch_size=4096, collate_fn=datasets.Collate()))
-    return {"test_error": errors / max(n, 1), "test_errors": errors, "n": n}
+    return inference.evaluate_checkpoint(checkpoint_uri, data_uri, split, **inference.options(cfg))
 
 
 def run(cfg: Config) -> dict:
@@ -93,7 +109,7 @@ def run(cfg: Config) -> dict:
 
     extra, dsets = ray_train.data_parallel_job(
         datasets.split_items(lc["data_uri"], "train", manifest), datasets.split_items(lc["data_uri"], "val", manifest),
-        tc, lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, name)
+        tc, lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, name, transform_spec(tc.augment, manifest))
     lc.update(extra)
     log(f"teacher: {lc['model']['arch']} on {manifest['splits']['train']['num_samples']} train samples, "
         f"{tc.num_workers} Ray Train worker(s), {tc.epochs} epochs; checkpoints in {storage.join(ray_uri, name)}")
@@ -103,13 +119,16 @@ def run(cfg: Config) -> dict:
 
     with best.as_directory() as d:
         model, _ = models.load_checkpoint(d)
-    ev = evaluate_model(cfg, model, data_uri, "test")
     params = models.count_params(model)
     best_epoch = int(best_meta["epoch"])
     best_val = best_meta["val_error"]
+    extra = {"stage": "teacher", "epoch": best_epoch, "val_error": best_val}
+    # Saved first (the replicas that score it read it from the run directory), then again with its
+    # test error: the weights, and so their sha256 and every downstream fingerprint, do not change.
+    models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"], extra=extra)
+    ev = evaluate_saved(cfg, out, data_uri, "test")
     models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"],
-                           extra={"stage": "teacher", "epoch": best_epoch, "val_error": best_val,
-                                  "test_error": ev["test_error"]})
+                           extra={**extra, "test_error": ev["test_error"]})
     history = last_meta["history"]
     metrics = {
         "test_error": ev["test_error"],
