@@ -5,22 +5,24 @@ Measured in one process on the same data (these machines are noisy: only ratios 
   plain   the teacher (generalist + specialists, combined as in section 5.4 of the paper) run on the
           transfer set held in memory as one array: `TeacherEnsemble.predict`, torch using every core
           (and, as a stricter reference, on one thread times the number of cores);
-  stage   the real targets stage: `pipeline.stages.targets.regenerate` on a fresh cache, i.e. Ray Data
-          over the input shards with an actor pool of `targets.num_actors` replicas (1 CPU each, as
-          many as there are cores), each reading its shard from disk, running the same teacher,
-          writing Parquet atomically and its manifest entry. Ray itself is started beforehand (once
-          per session in practice); the actor pool's start-up (each replica imports torch and loads
-          the checkpoints) is inside the measurement.
+  stage   the real targets stage: `pipeline.stages.targets.regenerate` on a fresh cache, i.e. one
+          Ray Data pipeline: read tasks (one per input shard, sha256 checked there) -> an actor pool
+          of `targets.num_actors` model replicas (1 CPU each, as many as there are cores) running
+          the same teacher, top-k on the device -> one writer that reassembles each shard and writes
+          Parquet atomically and its manifest entry. Ray itself is started beforehand (once per
+          session in practice); the actor pool's start-up (each replica imports torch and loads the
+          checkpoints) is inside the measurement.
 
 Plain and stage runs are interleaved (`--rounds`) and the best of each kept, so a burst of load
 from other processes does not decide the ratio; the 1-minute load average is recorded beside them.
-Reported: samples/s of both and three ratios to plain (target >= 0.8):
+Reported: samples/s of both and three ratios to plain (target >= 0.95 for the whole job):
 
   stage / plain    the whole job, start-up included (a fixed few seconds: Ray Data starts the
                    replicas' processes, each imports torch and loads the checkpoints);
-  steady / plain   by each replica's wall clock, from its first shard's finish to its last one's,
-                   summed over the replicas: what a long job converges to once they are up;
-  busy / plain     from the replicas' own per-shard read + infer + write times (no Ray Data gaps);
+  steady / plain   by the writer's wall clock, from the first shard's finish to the last one's:
+                   what a long job converges to once the replicas are up;
+  busy / plain     from the replicas' own inference seconds (summed over each shard's batches)
+                   plus the writer's: no Ray Data gaps, no start-up;
 
 and the bytes per sample of dense float16, dense float32 and top-k caches, Parquet and WebDataset,
 at the benchmark's C and at C = 1000 (random teacher outputs: only sizes are measured there).
@@ -164,10 +166,11 @@ def stage_writing(cfg: Config) -> dict:
     total = time.perf_counter() - t0
     n = report["num_samples"]
     actors = min(cfg.targets.num_actors, len(done))
-    # Steady state, by the wall clock of each replica: the samples of its 2nd..last shards over the
-    # time from its first shard's finish to its last one's (gaps between Ray Data tasks included),
-    # summed over the replicas: everything but the one-off start-up (process, torch import,
-    # checkpoint loading) and the ragged end where some replicas have no shard left.
+
+    # Steady state, by the wall clock of the writer (of each writer, were there several): the
+    # samples of its 2nd..last shards over the time from its first shard's finish to its last
+    # one's (Ray Data gaps included): everything but the one-off start-up (process, torch import,
+    # checkpoint loading) and the ragged end.
     by_worker: dict[str, list[tuple[float, int]]] = {}
     for _, k, t in done:
         by_worker.setdefault(t["worker"], []).append((t["finished_at"], k))
@@ -177,7 +180,7 @@ def stage_writing(cfg: Config) -> dict:
         if len(shards) > 1 and shards[-1][0] > shards[0][0]:
             steady += sum(k for _, k in shards[1:]) / (shards[-1][0] - shards[0][0])
     # Busy: the same from the replicas' own read + infer + write time per shard (no Ray Data gaps).
-    phases = {k: round(sum(t[k] for _, _, t in done), 3) for k in ("read", "infer", "write")}
+    phases = {k: round(sum(t.get(k, 0.0) for _, _, t in done), 3) for k in ("infer", "write")}
     busy = sum(phases.values())
     assert cache.verify_cache(cfg.stage_uri("targets"))["damaged"] == 0
     return {"samples": n, "shards": report["rewritten"], "actors": actors, "seconds": total,
@@ -293,7 +296,7 @@ def main() -> int:
             "ratio_steady_to_plain": _ratio(stage["steady_samples_per_s"], plain_rate),
             "ratio_busy_to_plain": _ratio(stage["busy_samples_per_s"], plain_rate),
             "ratio_steady_to_one_thread_x_cpus": _ratio(stage["steady_samples_per_s"], ideal_rate),
-            "target_ratio": 0.8,
+            "target_ratio": 0.95,
             "bytes_per_sample": {
                 f"C{classes}": bytes_per_sample(classes, n, min(args.topk, classes - 1), x0[:n],
                                                      shard["generalist_logits"].astype(np.float32),
