@@ -416,3 +416,90 @@ def test_half_subset_stream_gives_exact_halves_from_a_stream():
     s_big = half_subset_steps(n_big, 20)
     out = list(half_subset_stream(chunks(), big, 20, s_big, n_big, 3000 - n_big, torch.Generator().manual_seed(0), 6))
     assert len(out) == s_big and all(int((b["y"] == 5).sum()) == 10 for b in out)
+
+
+def _fixed_point_residual(q, p_g, spec, subsets, active):
+    """max |q - (p^g + sum_m r^m) / (1 + |A|)|: zero exactly at the MM iteration's fixed point (the
+    minimiser), computed densely and independently of the solver's bookkeeping."""
+    B, C = p_g.shape
+    worst = 0.0
+    for b in range(B):
+        acts = [m for m in range(len(subsets)) if active[b, m]]
+        if not acts:
+            continue
+        total = p_g[b].clone()
+        for m in acts:
+            inside = torch.zeros(C, dtype=torch.bool)
+            inside[subsets[m]] = True
+            r = q[b] * spec[m][b, -1] / q[b][~inside].sum()
+            r[inside] = spec[m][b, :-1]
+            total += r
+        worst = max(worst, float((q[b] - total / (1 + len(acts))).abs().max()))
+    return worst
+
+
+def test_wide_rows_across_chunks_reach_the_fixed_point_in_float32_and_float64():
+    """C = 5,000 and 130 rows span several of the row chunks; rows have 1 to 4 overlapping active
+    specialists (the closed form and the cell iteration), float32 logits stay float32 outside the
+    unions and agree with the float64 answer."""
+    g = torch.Generator().manual_seed(7)
+    B, C = 130, 5000
+    subsets = [sorted(torch.randperm(C, generator=g)[:200].tolist()) for _ in range(6)]
+    subsets[1] = sorted(set(subsets[0][:120]) | set(subsets[1][:80]))  # overlaps
+    subsets[2] = sorted(set(subsets[1][:50]) | set(subsets[0][100:150]) | set(subsets[2][:100]))
+    logits = torch.randn(B, C, generator=g, dtype=torch.float64) * 2
+    spec_logits = [torch.randn(B, len(s) + 1, generator=g, dtype=torch.float64) * 2 for s in subsets]
+    active = torch.rand(B, len(subsets), generator=g) < torch.linspace(0.0, 0.7, B)[:, None]
+    log64 = combine(logits, spec_logits, subsets, active=active, iters=200, tol=1e-13)
+    log32 = combine(logits.float(), [s.float() for s in spec_logits], subsets, active=active, iters=200)
+    assert log32.dtype == torch.float32 and torch.isfinite(log32).all()
+    q = log64.exp()
+    torch.testing.assert_close(q.sum(1), torch.ones(B, dtype=torch.float64), atol=1e-12, rtol=0)
+    p_g = torch.softmax(logits, 1)
+    spec = [torch.softmax(s, 1) for s in spec_logits]
+    assert (active.sum(1) >= 3).any() and (active.sum(1) == 1).any() and (active.sum(1) == 0).any()
+    assert _fixed_point_residual(q, p_g, spec, subsets, active) < 1e-12
+    torch.testing.assert_close(log32.double().exp(), q, atol=2e-6, rtol=1e-4)
+    none = ~active.any(1)
+    torch.testing.assert_close(log64[none], torch.log_softmax(logits[none], 1))
+
+
+def test_rows_whose_outside_mass_underflows_float32_keep_its_exact_size():
+    """Every class outside the active subset 200 nats below it: float32 exp underflows there, yet
+    log q outside = log p_g + log s with the exact s = (1 + p_dustbin / outside mass) / 2."""
+    C = 6000
+    logits = torch.full((2, C), -200.0)
+    subset = list(range(0, 300))
+    logits[:, :300] = torch.linspace(0.0, 1.0, 300)
+    spec_logits = [torch.zeros(2, 301)]
+    log_q = combine(logits, spec_logits, [subset], top_n=1)
+    log_pg = torch.log_softmax(logits.double(), 1)
+    outside = torch.logsumexp(log_pg[:, 300:], 1).exp()
+    p_d = 1.0 / 301
+    want = torch.log((1 + p_d / outside) / 2)
+    assert torch.isfinite(log_q).all()
+    torch.testing.assert_close((log_q[:, 500].double() - log_pg[:, 500]), want, atol=1e-3, rtol=1e-6)
+
+
+def test_convergence_is_checked_every_k_iterations_only():
+    """A host sync per iteration (`float(change)`) is what the GPU path must avoid: with
+    check_every=k the solver reads the device's convergence flag only every k iterations."""
+    p_g, spec, subsets, active = _problem(seed=3)
+    calls = []
+    real = torch.Tensor.__float__
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    torch.Tensor.__float__ = counting
+    try:
+        q8, _ = combine_fixed_point(p_g, spec, subsets, active, iters=40, tol=0.0, check_every=8)
+        n8 = len(calls)
+        calls.clear()
+        q1, _ = combine_fixed_point(p_g, spec, subsets, active, iters=40, tol=0.0, check_every=1)
+        n1 = len(calls)
+    finally:
+        torch.Tensor.__float__ = real
+    assert n8 == 5 and n1 == 40
+    torch.testing.assert_close(q8, q1)
