@@ -27,8 +27,9 @@ without Ray (tests), `run_on_ray` is the launcher. Models run on the worker's de
 are copied as uint8 and scaled there, and `precision` "auto"/"bf16" autocasts the forward passes to
 bf16 on CUDA (never on CPUs).
 
-A `prepare` hook (a function of a numpy batch dict returning one with an `x` column) runs as a CPU
-map stage before the model, e.g. to decode encoded images; without it the stored `x` is used.
+Encoded-image datasets: `transform` (the decode step of `pipeline.datasets.from_items`, evaluation
+view) runs in CPU tasks before the replicas; any other `prepare` hook (a function of a numpy batch
+dict returning one with an `x` column) runs as a CPU map stage there too.
 """
 from __future__ import annotations
 
@@ -386,7 +387,7 @@ def _is_local_ray() -> bool:
 
 
 def run_on_ray(job: InferenceJob, ds, *, actors: int = 1, cpus_per_actor: float = 0.5, rows: Optional[int] = None,
-               prepare: Optional[Callable[[Batch], Batch]] = None, what: str = "inference") -> dict[str, np.ndarray]:
+               blocks: Optional[int] = None, prepare: Optional[Callable[[Batch], Batch]] = None, what: str = "inference") -> dict[str, np.ndarray]:
     """Map `ds` (rows with `x`, `y`) through an actor pool of `InferenceWorker`s and add up their
     per-batch rows as they stream back."""
     import ray
@@ -398,6 +399,8 @@ def run_on_ray(job: InferenceJob, ds, *, actors: int = 1, cpus_per_actor: float 
     n_actors = fit_actors(actors, cpus_per_actor, job.gpus, what)
     if rows is not None:
         n_actors = max(1, min(n_actors, math.ceil(rows / max(1, job.batch_size))))
+    if blocks is not None:  # a replica takes whole read blocks: more replicas than blocks would idle
+        n_actors = max(1, min(n_actors, int(blocks)))
     if prepare is not None:
         ds = ds.map_batches(prepare, batch_format="numpy", zero_copy_batch=True)
     out = ds.map_batches(
@@ -453,8 +456,12 @@ def _threads(cpus: float) -> int:
 
 def infer_split(job: InferenceJob, data_uri: str, split: str, *, actors: int = 1, cpus_per_actor: float = 0.5,
                 prepare: Optional[Callable[[Batch], Batch]] = None, use_ray: bool = True,
-                read_cpus: Optional[float] = None, read_concurrency: Optional[int] = None) -> dict[str, np.ndarray]:
-    """Run `job` over one split of the dataset at `data_uri` (streaming); merged partial results."""
+                read_cpus: Optional[float] = None, read_concurrency: Optional[int] = None,
+                transform: Optional[dict] = None) -> dict[str, np.ndarray]:
+    """Run `job` over one split of the dataset at `data_uri` (streaming); merged partial results.
+
+    transform: `pipeline.datasets.from_items`' decode step for encoded-image datasets
+    ({"manifest", "augment", "train": False, "seed"}), run in CPU tasks before the replicas."""
     from pipeline import datasets
 
     items = datasets.split_items(data_uri, split)
@@ -463,6 +470,16 @@ def infer_split(job: InferenceJob, data_uri: str, split: str, *, actors: int = 1
         raise UserError(f"{data_uri}: split '{split}' is empty; nothing to run the model on")
     if not use_ray:
         import json
+
+        if transform:
+            from pipeline import transforms
+
+            aug = transform.get("augment")
+            fn = transforms.make_batch_transform(aug.model_dump() if hasattr(aug, "model_dump") else aug,
+                                                 transform.get("manifest"), bool(transform.get("train")),
+                                                 int(transform.get("seed") or 0))
+            user_prepare = prepare
+            prepare = (lambda b: user_prepare(fn(b, None))) if user_prepare else (lambda b: fn(b, None))
 
         def batches():
             for it in datasets.group_items(items, 1):  # one shard at a time
@@ -474,9 +491,20 @@ def infer_split(job: InferenceJob, data_uri: str, split: str, *, actors: int = 1
         kw["read_cpus"] = float(read_cpus)
     if read_concurrency is not None:
         kw["concurrency"] = int(read_concurrency)
-    ds = datasets.read_split(data_uri, split, **kw)
-    return run_on_ray(job, ds, actors=actors, cpus_per_actor=cpus_per_actor, rows=rows, prepare=prepare,
-                      what=f"inference on {split}")
+    groups = datasets.group_items(items)
+    ds = datasets.from_items(groups, transform=transform, **kw)
+    return run_on_ray(job, ds, actors=actors, cpus_per_actor=cpus_per_actor, rows=rows, blocks=len(groups),
+                      prepare=prepare, what=f"inference on {split}")
+
+
+def eval_transform(cfg, manifest: dict, augment: Any = None) -> Optional[dict]:
+    """The `transform` argument for an encoded-image dataset (deterministic evaluation view of the
+    model's `augment:` section, default the teacher's), or None for stored arrays."""
+    if manifest.get("encoding") != "image":
+        return None
+    if augment is None:
+        augment = getattr(cfg.teacher, "augment", None)
+    return {"manifest": manifest, "augment": augment, "train": False, "seed": int(cfg.seed)}
 
 
 def options(cfg) -> dict:
@@ -496,7 +524,7 @@ def evaluate_checkpoint(checkpoint_uri_or_dir: str, data_uri: str, split: str, *
                         batch_size: int = 1024, actors: int = 1, cpus_per_actor: float = 0.5,
                         precision: str = "auto", prepare: Optional[Callable[[Batch], Batch]] = None,
                         use_ray: bool = True, read_cpus: Optional[float] = None,
-                        read_concurrency: Optional[int] = None) -> dict:
+                        read_concurrency: Optional[int] = None, transform: Optional[dict] = None) -> dict:
     """Top-1 error of one checkpoint (generalist or student) on a split, on Ray workers:
     {"test_error": fraction, "test_errors": count, "n": labelled samples}."""
     from pipeline import storage
@@ -507,7 +535,8 @@ def evaluate_checkpoint(checkpoint_uri_or_dir: str, data_uri: str, split: str, *
     job = InferenceJob(stats=("errors",), checkpoint=checkpoint_uri_or_dir, batch_size=batch_size, gpus=num_gpus,
                        threads=_threads(cpus_per_actor), precision=precision)
     total = infer_split(job, data_uri, split, actors=actors, cpus_per_actor=cpus_per_actor, prepare=prepare,
-                        use_ray=use_ray, read_cpus=read_cpus, read_concurrency=read_concurrency)
+                        use_ray=use_ray, read_cpus=read_cpus, read_concurrency=read_concurrency,
+                        transform=transform)
     return finish_errors(total, f"{data_uri} split '{split}'")
 
 
@@ -515,13 +544,14 @@ def generalist_statistics(checkpoint_uri: str, data_uri: str, split: str, *, num
                           batch_size: int = 1024, actors: int = 1, cpus_per_actor: float = 0.5,
                           precision: str = "auto", prepare: Optional[Callable[[Batch], Batch]] = None,
                           use_ray: bool = True, read_cpus: Optional[float] = None,
-                          read_concurrency: Optional[int] = None) -> dict:
+                          read_concurrency: Optional[int] = None, transform: Optional[dict] = None) -> dict:
     """What the cluster stage needs from one pass of the generalist over `split`:
     {"covariance": (C, C) float64, "rows": N, "errors": top-1 errors, "n": labelled rows}."""
     job = InferenceJob(stats=("errors", "moments"), checkpoint=checkpoint_uri, batch_size=batch_size, gpus=num_gpus,
                        threads=_threads(cpus_per_actor), precision=precision)
     total = infer_split(job, data_uri, split, actors=actors, cpus_per_actor=cpus_per_actor, prepare=prepare,
-                        use_ray=use_ray, read_cpus=read_cpus, read_concurrency=read_concurrency)
+                        use_ray=use_ray, read_cpus=read_cpus, read_concurrency=read_concurrency,
+                        transform=transform)
     return {"covariance": covariance_from_moments(total), "rows": int(total["mom_n"]),
             "errors": int(total["errors"]), "n": int(total["n"])}
 
@@ -529,11 +559,13 @@ def generalist_statistics(checkpoint_uri: str, data_uri: str, split: str, *, num
 def evaluate_ensemble(spec, data_uri: str, split: str, *, num_gpus: float = 0, batch_size: int = 1024,
                       actors: int = 1, cpus_per_actor: float = 0.5, precision: str = "auto",
                       prepare: Optional[Callable[[Batch], Batch]] = None, use_ray: bool = True,
-                      read_cpus: Optional[float] = None, read_concurrency: Optional[int] = None) -> dict:
+                      read_cpus: Optional[float] = None, read_concurrency: Optional[int] = None,
+                      transform: Optional[dict] = None) -> dict:
     """The teacher ensemble (`TeacherSpec`) against the generalist alone on a split: see
     `finish_ensemble` for the keys."""
     job = InferenceJob(stats=("ensemble",), teacher=teacher_job_fields(spec), batch_size=batch_size, gpus=num_gpus,
                        threads=_threads(cpus_per_actor), precision=precision)
     total = infer_split(job, data_uri, split, actors=actors, cpus_per_actor=cpus_per_actor, prepare=prepare,
-                        use_ray=use_ray, read_cpus=read_cpus, read_concurrency=read_concurrency)
+                        use_ray=use_ray, read_cpus=read_cpus, read_concurrency=read_concurrency,
+                        transform=transform)
     return finish_ensemble(total, spec.subsets)

@@ -94,7 +94,8 @@ def run(cfg: Config) -> dict:
                         "(raise data.val_fraction and re-ingest)")
     log(f"cluster: generalist predictions on {val_rows} val samples, {num_classes} classes (Ray workers)")
     stats = inference.generalist_statistics(cfg.stage_uri("teacher"), data_uri, "val",
-                                            **{**inference.options(cfg), "batch_size": cc.batch_size})
+                                            **{**inference.options(cfg), "batch_size": cc.batch_size},
+                                            transform=inference.eval_transform(cfg, manifest))
     cov = stats["covariance"]
     # Unlabelled val: the clustering needs no labels, only the error report does.
     labelled = stats["n"] == stats["rows"]

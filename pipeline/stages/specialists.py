@@ -370,7 +370,10 @@ def evaluate_on_test(cfg: Config, subsets: list[list[int]], class_names: list[li
         raise UserError(f"{cfg.stage_uri('specialists')}: the specialists' subsets differ from the cluster stage's; "
                         "re-run `distill stage specialists CONFIG`")
     log(f"specialists: scoring the ensemble on the test split ({len(subsets)} specialists, Ray workers)")
-    res = inference.evaluate_ensemble(spec, data_uri, "test", **inference.options(cfg))
+    from pipeline.data.shards import read_manifest
+
+    res = inference.evaluate_ensemble(spec, data_uri, "test", **inference.options(cfg),
+                                      transform=inference.eval_transform(cfg, read_manifest(data_uri)))
     n = res["num_test_examples"]
     per_spec = []
     for m, meta in enumerate(spec.specialist_metas):

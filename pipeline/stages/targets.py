@@ -298,6 +298,14 @@ def _read_entries(job: dict) -> list[dict]:
              "num_samples": int(t["num_samples"]), "shard": int(t["index"])} for t in job["tasks"]]
 
 
+def _eval_view(cfg: Config) -> Optional[dict]:
+    """Decode settings for an encoded-image transfer set (the teacher's deterministic view), else None."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.inference import eval_transform
+
+    return eval_transform(cfg, read_manifest(cfg.stage_uri("data")))
+
+
 def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
     """Yield each written shard's entry as it completes: read -> model replicas -> assembler."""
     if not use_ray:
@@ -306,10 +314,20 @@ def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
         from pipeline import datasets
 
         threads = torch.get_num_threads()
+        view = _eval_view(cfg)
+        decode = None
+        if view is not None:
+            from pipeline import transforms
+
+            aug = view["augment"]
+            fn = transforms.make_batch_transform(aug.model_dump() if hasattr(aug, "model_dump") else aug,
+                                                 view["manifest"], False, view["seed"])
+            decode = lambda b: fn(b, None)  # noqa: E731
         try:
             worker, assembler = TargetsWorker(job), ShardAssembler(job)
             for sh in _read_entries(job):
                 cols = datasets._read_tagged({"item": np.array([json.dumps({"shards": [sh]})], dtype=object)})
+                cols = decode(cols) if decode else cols
                 for start in range(0, len(cols["key"]), int(job["batch_size"])):
                     rows = worker({k: v[start:start + int(job["batch_size"])] for k, v in cols.items()})
                     for raw in assembler(rows)["entry"]:
@@ -332,6 +350,11 @@ def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
     loader = getattr(cfg.data, "loader", None)
     read_kw = {"read_cpus": loader.read_cpus, "concurrency": loader.read_concurrency} if loader is not None else {}
     ds = datasets.read_shards_tagged(_read_entries(job), **read_kw)
+    view = _eval_view(cfg)
+    if view is not None:  # encoded images: decoded (evaluation view) in CPU tasks before the replicas
+        ds = datasets.with_transform(ds, view["manifest"], view["augment"], False, view["seed"],
+                                     read_kw.get("read_cpus", datasets.DEFAULT_READ_CPUS),
+                                     read_kw.get("concurrency", datasets.DEFAULT_READ_CONCURRENCY))
     ds = ds.map_batches(
         TargetsWorker, fn_constructor_kwargs={"job": job}, batch_size=int(t.batch_size), batch_format="numpy",
         zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=t.cpus_per_actor,
