@@ -141,14 +141,22 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workdir", default=None, help="keep the runs and their logs here (default: a temp dir)")
     args = ap.parse_args()
     samples = args.samples or (4000 if args.quick else 61440)
-    with tempfile.TemporaryDirectory(prefix="distill-bench-mem-") as d:
+    with tempfile.TemporaryDirectory(prefix="distill-bench-mem-") as tmp:
+        d = args.workdir or tmp
+        os.makedirs(d, exist_ok=True)
         res = measure(samples, args.dim, d)
-        res.pop("logs")
+        for log, run in zip(res.pop("logs"), ("small", "large")):
+            if res[run]["rc"] != 0:
+                with open(log, errors="replace") as f:
+                    print(f"[bench_memory] the {run} run failed; the end of its log:\n" + f.read()[-4000:],
+                          file=sys.stderr)
     res["peak_gib"] = {"small": round(res["small"]["peak_bytes"] / 2**30, 3),
                        "large": round(res["large"]["peak_bytes"] / 2**30, 3)}
-    return emit(res, args.out)
+    status = emit(res, args.out)
+    return status if all(res[r]["rc"] == 0 for r in ("small", "large")) else 1
 
 
 if __name__ == "__main__":

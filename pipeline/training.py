@@ -515,7 +515,7 @@ def run_epochs(state: TrainState, batches: Iterator[tuple[int, dict]], loss_fn: 
     evaluate(model) -> (errors, n) on this rank's val share (summed over ranks by `reduce`); each
     epoch's best weights go to `state.best_state`. checkpoint(state, metrics) is called every
     `checkpoint_every` epochs, at the end, and every `checkpoint_every_steps` steps inside an epoch
-    (metrics then has "step"); report(state, row) after every epoch. Every rank must call this with
+    (metrics then has "step"); report(state, row) after every epoch, after its checkpoint. Every rank must call this with
     the same number of steps (DDP all-reduces each), which `epoch_minibatches` guarantees.
     """
     from pipeline import models
@@ -599,11 +599,11 @@ def run_epochs(state: TrainState, batches: Iterator[tuple[int, dict]], loss_fn: 
                "samples_per_s": round(n_samples / max(seconds, 1e-9), 1)}
         state.meta["history"].append(row)
         state.meta["done"] = stop or epoch + 1 >= state.epochs
-        if report is not None:
-            report(state, row)
         if checkpoint is not None and (state.meta["done"] or (epoch + 1) % every == 0):
             checkpoint(state, {"epoch": epoch, "train_loss": train_loss, "val_error": _score(state),
                                "done": state.meta["done"]})
+        if report is not None:  # after the checkpoint: a report that fails loses no finished epoch
+            report(state, row)
         if log is not None and rank == 0:
             log(f"[{name}] epoch {epoch + 1}/{state.epochs} train_loss {train_loss:.4f} "
                 f"val_error {val_error:.4f} ({seconds:.1f}s)" + ("  early stop" if stop else ""))
