@@ -74,6 +74,31 @@ def test_regen_cases_on_ray(ray_local, tmp_path):
     assert cache.verify_cache(cache_uri)["damaged"] == 0
 
 
+def test_a_damaged_input_shard_is_named_in_the_read_tasks_and_a_rerun_finishes(ray_local, tmp_path):
+    """Input checksums are checked by the Ray Data read tasks (the driver hashes no input shard):
+    a flipped byte in an input shard stops the job with a UserError naming that shard; what was
+    written is kept, and after the repair only the rest is written."""
+    from pipeline.errors import UserError
+
+    cfg = make_config(str(tmp_path / "run"), num_actors=2)
+    data = cfg.stage_uri("data")
+    write_dataset(data, [40] * 5)
+    write_teacher(cfg)
+    path = os.path.join(data, "train-000003.tar")
+    blob = bytearray(open(path, "rb").read())
+    blob[600] ^= 0x01
+    open(path, "wb").write(bytes(blob))
+    with pytest.raises(UserError, match=r"train-000003\.tar: sha256 differs"):
+        targets.regenerate(cfg, progress=False)
+    assert cache.MANIFEST_NAME not in storage.listdir(cfg.stage_uri("targets"))
+    written = len(storage.listdir(storage.join(cfg.stage_uri("targets"), cache.PARTS_DIR)))
+    assert written < 5
+    replace_shard(data, "train", 3, seed=77)  # repaired (new bytes, checksum recorded)
+    r = targets.regenerate(cfg, progress=False)
+    assert (r["kept"], r["rewritten"]) == (written, 5 - written)
+    assert cache.verify_cache(cfg.stage_uri("targets"))["damaged"] == 0
+
+
 def test_cli_json_names_a_flipped_byte_and_regen_rewrites_exactly_it(ray_local, tmp_path, capsys):
     cfg = make_config(str(tmp_path / "run"), format="both")
     write_dataset(cfg.stage_uri("data"), [25] * 4)
