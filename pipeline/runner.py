@@ -5,6 +5,9 @@ stage computes now (its config slice plus the fingerprints of the stages it read
 written last, after every file of the stage, so a stage interrupted half-way is rerun (and resumes
 from its own checkpoints where it has them). Per-stage wall times are kept in the markers and
 gathered into `summary.json` by the report stage.
+
+`--force` reruns a stage from scratch (`clear_resume_state`). One run at a time per output_dir: the
+process running stages holds `{output_dir}/.distill-lock.json` (`output_lock`), which names it.
 """
 from __future__ import annotations
 
