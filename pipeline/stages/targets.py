@@ -383,11 +383,14 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
     then writes `manifest.json`. Returns {"checked", "rewritten", "kept", "missing", "stale",
     "damaged", "removed", "num_samples", "bytes_per_sample", "seconds", "uri", "rewritten_shards",
     "damaged_shards"}. `write_marker` also records the targets stage as done for `distill run` (the
-    runner writes it itself when it runs the stage). `use_ray=False` runs the writer in-process
-    (debugging, tests of the format); the product path is Ray Data. `on_shard(entry, seconds,
-    timing)` is called as each shard arrives (seconds since the writers were launched; timing: the
-    writer's own read/infer/write seconds for it, its "worker" and the wall-clock "finished_at"),
-    e.g. for benchmarks.
+    runner writes it itself when it runs the stage). `use_ray=False` runs the same reader, replica
+    and writer in-process, one after the other (debugging, tests of the format); the product path
+    is the Ray Data pipeline. `on_shard(entry, seconds, timing)` is called as each shard arrives
+    (seconds since the job was launched; timing: the replicas' inference seconds for its rows
+    ("infer"), the writer's seconds ("write"), which writer ("worker") and the wall-clock
+    "finished_at"), e.g. for benchmarks. A damaged or missing input shard, or a teacher producing
+    non-finite values, stops the job with a UserError naming the shard; shards written before
+    it are kept.
     """
     from pipeline import cache
     from pipeline.runner import log, marker_uri
