@@ -5,12 +5,16 @@ Measures, on synthetic generalist predictions with planted confusable groups:
   2. clustering its columns into specialist subsets, exact columns and projected (time, peak
      memory, adjusted Rand index against the planted groups);
   3. combining generalist + specialists for a batch: fixed-point iteration vs the paper's gradient
-     descent (samples/s, and how closely they agree).
+     descent (samples/s, and how closely they agree), and the fixed point's cost as a ratio to one
+     `log_softmax` + `exp` over the same (B, C) float32 batch (the pass any consumer of the
+     generalist's probabilities makes), both timed interleaved in this run (CPU time of this
+     thread, robust to other processes' load, and wall time).
 
 Prints one JSON object; `--out FILE` also writes it. `--quick` runs a small size in seconds.
 
     .venv/bin/python bench/bench_specialists.py --out bench/results_specialists.json
     .venv/bin/python bench/bench_specialists.py --quick
+    .venv/bin/python bench/bench_specialists.py --combination-only   # planted subsets, no clustering
 """
 from __future__ import annotations
 
@@ -148,10 +152,22 @@ def bench_combination(p: dict, subsets: list, groups: np.ndarray, rng: np.random
            "fraction_samples_with_active": round(float(active.any(1).float().mean()), 3)}
 
     combine(g_logits[:8], [s[:8] for s in spec_logits], sidx)  # warm-up
-    reps, t0, c0 = 3, time.perf_counter(), time.process_time()
+    # Interleaved with the reference pass, so both see the same machine state; medians of rounds.
+    walls: dict = {"fixed_point": [], "reference": []}
+    cpus: dict = {"fixed_point": [], "reference": []}
+    reps = 9
     for _ in range(reps):
-        log_q = combine(g_logits, spec_logits, sidx, top_n=1, method="fixed_point", iters=50)
-    secs, cpu = (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
+        for name in ("reference", "fixed_point"):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            if name == "reference":
+                torch.log_softmax(g_logits, dim=1).exp()
+            else:
+                log_q = combine(g_logits, spec_logits, sidx, top_n=1, method="fixed_point", iters=50)
+            walls[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.thread_time() - c0)
+    med = {k: float(np.median(v)) for k, v in walls.items()}
+    cmed = {k: float(np.median(v)) for k, v in cpus.items()}
+    secs, cpu = med["fixed_point"], cmed["fixed_point"]
     iters = []
     log_p_g = torch.log_softmax(g_logits.double(), 1)
     p_g = log_p_g.exp()
@@ -161,7 +177,16 @@ def bench_combination(p: dict, subsets: list, groups: np.ndarray, rng: np.random
     out["fixed_point"] = {"seconds_per_batch": round(secs, 4), "cpu_seconds_per_batch": round(cpu, 4),
                           "samples_per_s": round(B / secs, 1),
                           "iterations_used": iters[-1], "max_iters": 50, "tol": 1e-10,
-                          "sum_q_max_error": float((log_q.double().exp().sum(1) - 1).abs().max())}
+                          "sum_q_max_error": float((log_q.double().exp().sum(1) - 1).abs().max()),
+                          "reference_log_softmax_exp_seconds": round(med["reference"], 5),
+                          "ratio_to_log_softmax_exp_wall": round(secs / med["reference"], 2),
+                          "ratio_to_log_softmax_exp_thread_cpu": round(cpu / cmed["reference"], 2),
+                          # best round of each: a burst of load from other processes does not decide it
+                          "ratio_to_log_softmax_exp_best_thread_cpu": round(min(cpus["fixed_point"])
+                                                                             / min(cpus["reference"]), 2),
+                          "ratio_rounds_thread_cpu": [round(a / b, 2) for a, b in zip(cpus["fixed_point"],
+                                                                                     cpus["reference"])],
+                          "target_ratio": 2.0}
 
     Bg = p["gradient_batch"]
     pg_s, sp_s, act_s = p_g[:Bg], [s[:Bg] for s in spec_probs], active[:Bg]
@@ -185,16 +210,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small size (C=1500), runs in seconds")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--skip-projected", action="store_true", help="only the exact-column clustering")
+    ap.add_argument("--combination-only", action="store_true",
+                    help="only the combination, on planted subsets (each group's classes topped up at random)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     groups = rng.permutation(np.arange(p["num_classes"]) % p["num_groups"])
     result = {"size": "quick" if args.quick else "full", "params": p,
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "load_avg_start": [round(x, 2) for x in os.getloadavg()],
                           "calibration_sum_ms_start": calibration_ms()}}
-    tracemalloc.start()
     t_all = time.perf_counter()
+    if args.combination_only:
+        result["size"] += "_combination_only"
+        result["combination"] = bench_combination(p, planted_subsets(p, groups, rng), groups, rng)
+        return finish(result, t_all, args.out)
+    tracemalloc.start()
     log(f"covariance over {p['samples']} samples at C={p['num_classes']} ...")
     cov, result["covariance"] = bench_covariance(p, groups, rng)
     log(f"  {result['covariance']}")
@@ -204,17 +238,31 @@ def main(argv=None) -> dict:
     tracemalloc.stop()
     log("combination ...")
     result["combination"] = bench_combination(p, subsets, groups, rng)
+    return finish(result, t_all, args.out)
+
+
+def planted_subsets(p: dict, groups: np.ndarray, rng: np.random.Generator) -> list:
+    """One subset of `subset_size` classes per planted group: the group, topped up at random."""
+    out = []
+    for g in range(p["num_specialists"]):
+        core = np.flatnonzero(groups == g % p["num_groups"])[: p["subset_size"]]
+        rest = rng.choice(np.setdiff1d(np.arange(p["num_classes"]), core), p["subset_size"] - len(core), replace=False)
+        out.append(sorted(np.concatenate([core, rest]).astype(int).tolist()))
+    return out
+
+
+def finish(result: dict, t_all: float, out: str | None) -> dict:
     result["total_seconds"] = round(time.perf_counter() - t_all, 1)
     result["max_rss_mb"] = max_rss_mb()
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["machine"]["calibration_sum_ms_end"] = calibration_ms()
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        tmp = args.out + ".tmp"
+    if out:
+        tmp = out + ".tmp"
         with open(tmp, "w") as f:
             f.write(text + "\n")
-        os.replace(tmp, args.out)
+        os.replace(tmp, out)
     return result
 
 

@@ -269,7 +269,7 @@ def _dedup(keys: torch.Tensor, space: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _normalisers(z: torch.Tensor, zmax: torch.Tensor, ent: _Entries, cd: torch.dtype,
-                 chunk_elems: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 chunk_elems: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over z: (lse, outside) per row and z on the entries, in `cd`.
 
     lse = logsumexp(z_b); outside = p_g's mass outside the union of row b's active subsets, summed
@@ -279,6 +279,8 @@ def _normalisers(z: torch.Tensor, zmax: torch.Tensor, ent: _Entries, cd: torch.d
     (exp(z) then neither overflows nor loses anything but terms e^-47 below the row's largest).
     """
     B, C = z.shape
+    if chunk_elems is None:  # CPU: chunks that stay in L2 between their operations; GPU: large launches
+        chunk_elems = 1 << 18 if z.device.type == "cpu" else 1 << 24
     lse = torch.empty(B, dtype=cd, device=z.device)
     outside = torch.empty(B, dtype=cd, device=z.device)
     z_e = torch.empty(ent.e_flat.numel(), dtype=z.dtype, device=z.device)
