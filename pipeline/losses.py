@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["kd_loss", "KDLoss", "cross_entropy_loss", "make_kd_batch_loss", "teacher_log_probs",
-           "kd_loss_from_log_probs"]
+__all__ = ["kd_loss", "KDLoss", "cross_entropy_loss", "make_kd_batch_loss"]
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -61,12 +60,11 @@ def _check_t_alpha(T: float, alpha: float) -> None:
 class _FusedKD(torch.autograd.Function):
     """Loss and its gradient w.r.t. the student logits in one forward; backward scales the gradient.
 
-    forward(z (B, C), teacher (B, C), labels (B,) | None, T, alpha, at_T): `at_T` means `teacher`
-    already holds log softmax(teacher / T) (the deprecated precomputed path).
+    forward(z (B, C), teacher (B, C), labels (B,) | None, T, alpha).
     """
 
     @staticmethod
-    def forward(ctx, z, teacher, labels, T, alpha, at_T):  # noqa: D401
+    def forward(ctx, z, teacher, labels, T, alpha):  # noqa: D401
         B = z.shape[0]
         cd = torch.promote_types(z.dtype, torch.float32)
         zc = z.detach().to(cd)
@@ -80,7 +78,7 @@ class _FusedKD(torch.autograd.Function):
             t = teacher.detach().to(cd)
             # kl terms are p * (log p - log q); a teacher log-prob of -inf (zero mass) would make
             # 0 * -inf = NaN, so it is floored at the dtype's minimum (exp of it is exactly 0).
-            lp = (t if at_T else _log_softmax(t * inv if T != 1.0 else t)).clamp_min(torch.finfo(cd).min)
+            lp = _log_softmax(t * inv if T != 1.0 else t).clamp_min(torch.finfo(cd).min)
             p = lp.exp()
             lq = _log_softmax(zc * inv) if T != 1.0 else _log_softmax(zc)
             if T == 1.0:
@@ -104,11 +102,11 @@ class _FusedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out).to(ctx.z_dtype), None, None, None, None, None
+        return (grad * grad_out).to(ctx.z_dtype), None, None, None, None
 
 
 def _kd(student_logits: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], T: float,
-        alpha: float, at_T: bool) -> torch.Tensor:
+        alpha: float) -> torch.Tensor:
     T, alpha = float(T), float(alpha)
     _check_t_alpha(T, alpha)
     if student_logits.dim() != 2 or teacher.shape != student_logits.shape:
@@ -120,7 +118,7 @@ def _kd(student_logits: torch.Tensor, teacher: torch.Tensor, labels: Optional[to
         if labels.shape != student_logits.shape[:1]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match the batch size {student_logits.shape[0]}")
         labels = labels.long()
-    return _FusedKD.apply(student_logits, teacher, labels, T, alpha, at_T)
+    return _FusedKD.apply(student_logits, teacher, labels, T, alpha)
 
 
 def kd_loss(
@@ -146,7 +144,7 @@ def kd_loss(
             invariant to a per-row shift: see the module docstring), so it does not change the result.
     """
     del teacher_is_log_probs  # same math either way
-    return _kd(student_logits, teacher, labels, T, alpha, at_T=False)
+    return _kd(student_logits, teacher, labels, T, alpha)
 
 
 class KDLoss(nn.Module):
@@ -164,24 +162,6 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"T={self.T}, alpha={self.alpha}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Deprecated: soft targets precomputed for the whole transfer set at one T. `kd_loss` computes them
-# per batch on the device at no measurable cost, without an N x C float32 copy of the cache. Kept
-# only while pipeline/stages/student.py still calls them; both go through the same fused kernel.
-
-
-def teacher_log_probs(teacher: torch.Tensor, T: float) -> torch.Tensor:
-    """Deprecated (see above): log softmax(teacher / T) in float32, -inf floored to the float32 minimum."""
-    log_p = F.log_softmax(teacher.detach().float() / T, dim=-1)
-    return log_p.clamp_min(torch.finfo(log_p.dtype).min)
-
-
-def kd_loss_from_log_probs(student_logits: torch.Tensor, teacher_log_p: torch.Tensor,
-                           labels: Optional[torch.Tensor], T: float, alpha: float) -> torch.Tensor:
-    """Deprecated (see above): `kd_loss` with targets given as `teacher_log_probs(teacher, T)`."""
-    return _kd(student_logits, teacher_log_p, labels, T, alpha, at_T=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -226,21 +226,3 @@ def test_bad_arguments_are_rejected(logits):
         kd_loss(zs, zt, y[:3], 1.0, 0.5)
     with pytest.raises(ValueError, match="empty batch"):
         kd_loss(zs[:0], zt[:0], y[:0], 1.0, 0.5)
-
-
-def test_deprecated_precomputed_log_probs_path_matches_kd_loss_and_its_gradient():
-    from pipeline.losses import kd_loss_from_log_probs, teacher_log_probs
-
-    torch.manual_seed(3)
-    s = torch.randn(16, 7, requires_grad=True)
-    t = torch.randn(16, 7).half()
-    t[0, 2] = float("-inf")  # a class with zero teacher probability stays finite, not NaN
-    y = torch.randint(0, 7, (16,))
-    for T, alpha, labels in ((1.0, 0.5, y), (4.0, 0.9, y), (2.0, 1.0, y), (3.0, 0.3, None)):
-        want = kd_loss(s, t, labels, T, alpha)
-        (g_want,) = torch.autograd.grad(want, s)
-        got = kd_loss_from_log_probs(s, teacher_log_probs(t, T), labels, T, alpha)
-        (g_got,) = torch.autograd.grad(got, s)
-        assert torch.isfinite(got)
-        torch.testing.assert_close(got, want)
-        torch.testing.assert_close(g_got, g_want)
