@@ -150,7 +150,7 @@ def test_submit_quickstart_to_two_nodes_lands_in_s3(quickstart_run):
     assert summary["dataset"]["num_classes"] == 12
     assert summary["dataset"]["train"] + summary["dataset"].get("val", 0) == 1200
     assert summary["dataset"]["test"] == 400
-    for model in ("generalist", "ensemble", "student_baseline", "student_distilled"):
+    for model in ("generalist", "ensemble", "student_baseline", "student_distilled_generalist", "student_distilled"):
         assert 0.0 <= summary["models"][model]["test_error"] <= 1.0, model
     assert summary["tune"]["trials"] == 2
     report = fs.cat_file(f"{run}/report.md").decode("utf-8")

@@ -62,6 +62,7 @@ def build_summary(cfg: Config) -> dict:
             timings[stage] = marker.get("seconds")
     timings["total"] = round(sum(v for v in timings.values() if v), 3)
     distilled = _get(student, "distilled") or {}
+    distilled_g = _get(student, "distilled_generalist") or {}
     return {
         "dataset": {
             "name": manifest.get("name"),
@@ -75,6 +76,8 @@ def build_summary(cfg: Config) -> dict:
             "ensemble": {"test_error": _get(spec, "test_error"), "test_errors": _get(spec, "test_errors"),
                          "num_specialists": len(subsets), "params": _get(spec, "params")},
             "student_baseline": model_entry(_get(student, "baseline")),
+            "student_distilled_generalist": model_entry(distilled_g, T=distilled_g.get("T"),
+                                                        alpha=distilled_g.get("alpha")),
             "student_distilled": model_entry(distilled, T=distilled.get("T"), alpha=distilled.get("alpha")),
         },
         "tune": {"trials": _get(tune, "trials", default=0), "best": _get(tune, "best", default={})},
@@ -98,14 +101,15 @@ def headline_table(summary: dict) -> str:
     rows = [("generalist (teacher)", "generalist", ms("generalist")),
             ("generalist + specialists", "ensemble", ms("ensemble")),
             ("student, hard labels", "student_baseline", ms("student")),
-            ("student, distilled", "student_distilled", ms("student"))]
+            ("student, distilled from the generalist", "student_distilled_generalist", ms("student")),
+            ("student, distilled from generalist + specialists", "student_distilled", ms("student"))]
 
     def cell(v: Any, fmt: str = "{}") -> str:
         return "—" if v is None else fmt.format(v)
 
     lines = ["| model | test error | errors | parameters | CPU ms / batch |", "|---|---:|---:|---:|---:|"]
     for label, key, ms in rows:
-        m = summary["models"][key]
+        m = summary["models"].get(key) or {}
         lines.append(f"| {label} | {_fmt_err(m.get('test_error'))} | {cell(m.get('test_errors'))} | "
                      f"{cell(m.get('params'), '{:,}')} | {cell(ms, '{:.2f}')} |")
     return "\n".join(lines)
@@ -126,7 +130,7 @@ def _learning_curves(cfg: Config, out_uri: str) -> bool:
     teacher = _read(cfg, "teacher") or {}
     student = _read(cfg, "student") or {}
     curves = {"generalist": teacher.get("epochs") or []}
-    for k in ("baseline", "distilled"):
+    for k in ("baseline", "distilled_generalist", "distilled"):
         curves[f"student {k}"] = _get(student, k, "epochs", default=[]) or []
     if not any(curves.values()):
         return False
@@ -163,6 +167,13 @@ def render_report(cfg: Config, summary: dict) -> str:
         out.append(f"Distillation recovered {100 * (gb - gd) / (gb - gt):.0f} % of the gap between the baseline "
                    f"student and the generalist (the paper's MNIST figure: 91 %). Distilled at "
                    f"T = {m['student_distilled'].get('T')}, alpha = {m['student_distilled'].get('alpha')}.")
+        out.append("")
+    dg = m.get("student_distilled_generalist", {}).get("test_errors")
+    de = m["student_distilled"].get("test_errors")
+    if dg is not None and de is not None:
+        out.append(f"Distilled from generalist + specialists: {de} test errors; from the generalist alone: {dg} "
+                   f"({'the specialists helped the student' if de < dg else 'the specialists did not help the student'}; "
+                   "same architecture, budget, T and alpha).")
         out.append("")
     out += ["## Specialists", ""]
     subsets = cluster.get("subsets") or []
