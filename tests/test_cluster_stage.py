@@ -1,4 +1,7 @@
-"""The cluster stage finds the generalist's confusable class groups and hands them on as subsets."""
+"""The cluster stage finds the generalist's confusable class groups and hands them on as subsets.
+
+The generalist's predictions on val run on Ray workers (`pipeline.inference`), so the stage tests
+are slow and use the private local Ray of `ray_local`."""
 import json
 import os
 
@@ -40,7 +43,7 @@ def _fresh(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cluster_stage_finds_the_true_groups_and_writes_its_files(run_dir, tmp_path):
+def test_cluster_stage_finds_the_true_groups_and_writes_its_files(run_dir, tmp_path, ray_local):
     root = _fresh(run_dir, tmp_path)
     cfg = _cfg(root)
     res = run_stage(cfg, "cluster")
@@ -62,7 +65,15 @@ def test_cluster_stage_finds_the_true_groups_and_writes_its_files(run_dir, tmp_p
     assert metrics["ari"] == pytest.approx(ari)
     assert metrics["subset_sizes"] == [len(s) for s in subsets] and metrics["coverage"] == 1.0
     assert metrics["val_samples"] == manifest["splits"]["val"]["num_samples"]
-    assert 0.0 <= metrics["val_error"] < 0.5  # the generalist is far better than chance (11/12)
+    # The streamed count equals the generalist scored on val in memory, and beats chance (11/12).
+    from pipeline.data.shards import load_split
+    from pipeline.models import load_checkpoint
+    from pipeline.training import evaluate
+
+    x_val, y_val, _ = load_split(os.path.join(root, "data"), "val")
+    want = evaluate(load_checkpoint(os.path.join(root, "teacher"))[0], x_val, y_val)
+    assert (metrics["val_errors"], metrics["val_error"]) == (want["test_errors"], want["test_error"])
+    assert metrics["val_error"] < 0.75
 
     import matplotlib.image as mpimg
 
@@ -77,7 +88,7 @@ def test_cluster_stage_finds_the_true_groups_and_writes_its_files(run_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_fixed_subset_size_gives_overlapping_subsets_of_that_size(run_dir, tmp_path):
+def test_fixed_subset_size_gives_overlapping_subsets_of_that_size(run_dir, tmp_path, ray_local):
     root = _fresh(run_dir, tmp_path)
     run_stage(_cfg(root, **{"cluster.subset_size": 4}), "cluster")
     subsets = storage.read_json(os.path.join(root, "cluster", "specialists.json"))["subsets"]
@@ -85,7 +96,7 @@ def test_fixed_subset_size_gives_overlapping_subsets_of_that_size(run_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_missing_teacher_and_bad_num_specialists_are_user_errors(run_dir, tmp_path):
+def test_missing_teacher_and_bad_num_specialists_are_user_errors(run_dir, tmp_path, ray_local):
     with pytest.raises(UserError, match="teacher"):
         cluster_stage.run(_cfg(str(tmp_path / "empty"), **{"data.uri": os.path.join(run_dir, "data")}))
     root = _fresh(run_dir, tmp_path)
