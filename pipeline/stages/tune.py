@@ -185,6 +185,11 @@ def run(cfg: Config) -> dict:
     out = cfg.stage_uri("tune")
     epochs = tc.epochs or cfg.student.epochs
     job = student_job(cfg, epochs=epochs)
+    # Checked here, before any trial starts: each trial streams the cache itself (the driver loads
+    # no data), so a missing or unreadable cache would otherwise fail every trial separately.
+    from pipeline import datasets
+
+    datasets.cache_items(job["cache_uri"], job["target"], data_uri=job["data_uri"])
     job["cpus"] = tc.cpus_per_trial
     job["gpus"] = tc.gpus_per_trial
     n = num_trials(cfg)
