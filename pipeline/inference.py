@@ -387,7 +387,8 @@ def _is_local_ray() -> bool:
 
 
 def run_on_ray(job: InferenceJob, ds, *, actors: int = 1, cpus_per_actor: float = 0.5, rows: Optional[int] = None,
-               blocks: Optional[int] = None, prepare: Optional[Callable[[Batch], Batch]] = None, what: str = "inference") -> dict[str, np.ndarray]:
+               blocks: Optional[int] = None, prepare: Optional[Callable[[Batch], Batch]] = None,
+               what: str = "inference") -> dict[str, np.ndarray]:
     """Map `ds` (rows with `x`, `y`) through an actor pool of `InferenceWorker`s and add up their
     per-batch rows as they stream back."""
     import ray
