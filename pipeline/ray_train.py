@@ -165,6 +165,13 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, stora
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
+        from pipeline.inference import _user_error_in
+
+        # Bad input found by a worker (a shard whose sha256 differs from its manifest, keys that do
+        # not match the cache) is the user's to fix, not a crash: exit 2 with the worker's message.
+        user = _user_error_in(e)
+        if user is not None:
+            raise UserError(str(user)) from None
         raise TrainingFailed(f"Ray Train run '{name}' failed after {max_failures} restart(s) allowed: {e}") from e
 
 
@@ -531,6 +538,17 @@ def train_loop(config: dict) -> None:
         if fault.get("epoch_sleep"):
             time.sleep(float(fault["epoch_sleep"]))
 
-    training.run_epochs(state, batches, loss_fn, evaluate=val_evaluator(val_it, device),
-                        reduce=lambda v: _all_reduce(v, device), checkpoint=save, report=report,
-                        log=_progress, name=name, seed=seed, rank=rank)
+    try:
+        training.run_epochs(state, batches, loss_fn, evaluate=val_evaluator(val_it, device),
+                            reduce=lambda v: _all_reduce(v, device), checkpoint=save, report=report,
+                            log=_progress, name=name, seed=seed, rank=rank)
+    except Exception as e:
+        from pipeline.inference import _user_error_in
+
+        # A read task's UserError (damaged shard, mismatched keys) arrives wrapped by Ray Data with
+        # its message buried mid-traceback; raise it bare so it is the last line of the error the
+        # driver sees (and `fit` turns it into exit 2).
+        user = _user_error_in(e)
+        if user is None:
+            raise
+        raise type(user)(str(user)) from None

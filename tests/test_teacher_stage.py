@@ -214,3 +214,25 @@ def test_teacher_stage_writes_to_s3(tiny_synthetic, ray_local, s3_bucket):
     assert "checkpoint_manager_snapshot.json" in entries
     assert any(e.startswith("checkpoint_2") for e in entries)
     assert runner.read_marker(cfg, "teacher")["fingerprint"] == teacher.fingerprint(cfg)
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_stops_training_and_is_named(tmp_path, tiny_synthetic, ray_local):
+    """The read tasks check every shard's sha256 against the manifest while streaming: a shard whose
+    bytes changed (same size, so a size check would not see it) ends the stage with a UserError
+    naming it, instead of being trained on."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_synthetic, data)
+    victim = os.path.join(data, "train-000002.tar")
+    with open(victim, "r+b") as f:
+        f.seek(2000)
+        b = f.read(1)
+        f.seek(2000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    cfg = _cfg(tmp_path, data, epochs=1, max_failures=0)
+    with pytest.raises(UserError) as e:
+        runner.run_stage(cfg, "teacher")
+    assert "train-000002.tar" in str(e.value) and "sha256" in str(e.value)
+    assert not os.path.exists(os.path.join(cfg.stage_uri("teacher"), "model.json"))

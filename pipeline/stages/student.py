@@ -357,7 +357,7 @@ def _train_and_evaluate(cfg: Config, lc: dict, entries: list[dict], run_name: st
     ckpt_uri = storage.join(cfg.stage_uri("student"), lc["name"].split("-", 1)[1])
     models.save_checkpoint(ckpt_uri, model, lc["model"], lc["input_shape"], lc["num_classes"],
                            extra={"stage": "student", "kind": lc["name"], "evaluating": True})
-    ev = evaluate_saved(cfg, ckpt_uri, lc["data_uri"], "test")
+    ev = evaluate_saved(cfg, ckpt_uri, lc["data_uri"], "test", cfg.student.augment)
     history = last_meta["history"]
     entry = {
         "test_error": ev["test_error"], "test_errors": ev["test_errors"], "test_samples": ev["n"],

@@ -79,12 +79,16 @@ def _check_data(cfg: Config, manifest: dict) -> None:
                         "teacher.num_workers or re-ingest with a smaller data.shard_size")
 
 
-def evaluate_saved(cfg: Config, checkpoint_uri: str, data_uri: str, split: str) -> dict:
+def evaluate_saved(cfg: Config, checkpoint_uri: str, data_uri: str, split: str, augment=None) -> dict:
     """{"test_error", "test_errors", "n"} of a saved checkpoint on a split, streamed through model
-    replicas on Ray workers (`pipeline.inference`): the driver never runs a model over a split."""
+    replicas on Ray workers (`pipeline.inference`): the driver never runs a model over a split.
+    Image datasets are decoded to the evaluation view of `augment` (the stage's own section)."""
     from pipeline import inference
+    from pipeline.data import shards
 
-    return inference.evaluate_checkpoint(checkpoint_uri, data_uri, split, **inference.options(cfg))
+    manifest = shards.read_manifest(data_uri)
+    return inference.evaluate_checkpoint(checkpoint_uri, data_uri, split, **inference.options(cfg),
+                                         transform=inference.eval_transform(cfg, manifest, augment))
 
 
 def run(cfg: Config) -> dict:
@@ -126,7 +130,7 @@ def run(cfg: Config) -> dict:
     # Saved first (the replicas that score it read it from the run directory), then again with its
     # test error: the weights, and so their sha256 and every downstream fingerprint, do not change.
     models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"], extra=extra)
-    ev = evaluate_saved(cfg, out, data_uri, "test")
+    ev = evaluate_saved(cfg, out, data_uri, "test", tc.augment)
     models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"],
                            extra={**extra, "test_error": ev["test_error"]})
     history = last_meta["history"]
