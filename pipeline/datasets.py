@@ -278,6 +278,10 @@ def from_items(items: Sequence[dict], read_cpus: float = DEFAULT_READ_CPUS,
     # Rows come out in the items' order whatever order the tasks finish in: batches (and so a
     # resumed run, and evaluation row order) are reproducible.
     ds.context.execution_options.preserve_order = True
+    # Stages print their own progress; Ray Data's bars and per-execution banners (one per epoch and
+    # val pass, from every worker) would bury it.
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
     ds = ds.map_batches(_read_shards, batch_size=1, num_cpus=float(read_cpus),
                         compute=ray.data.TaskPoolStrategy(size=max(1, min(int(concurrency), len(rows)))),
                         zero_copy_batch=True)
