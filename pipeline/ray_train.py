@@ -402,7 +402,12 @@ def dataset_config():
     """Every dataset is already one rank's own (`build_datasets`): Ray Train must not split them."""
     from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split=[])
+    # Ray Train replaces each dataset's execution options with its own, whose preserve_order is
+    # off: blocks of pass e + 1 could then overtake pass e, and minibatches (and an exact resume)
+    # depend on the epoch's row order.
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=[], execution_options=options)
 
 
 # ---------------------------------------------------------------------------------------------

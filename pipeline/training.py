@@ -455,6 +455,9 @@ def epoch_minibatches(chunks: Iterable[dict], batch_size: int, steps_per_epoch: 
             part = chunk if lo == hi else {k: v[ep == e] for k, v in chunk.items()}
             if not len(part["epoch"]):
                 continue
+            if e > st["cur"] + 1 and st["cur"] >= int(start_epoch) and st["done"] < steps_per_epoch:
+                raise RuntimeError(f"rows of epoch {e} arrived while epoch {st['cur']} was incomplete: the stream "
+                                   "is not in order (its execution options need preserve_order)")
             if e > st["cur"]:
                 yield from end_epoch()
                 st.update(cur=e, buf=None, carry=None, k=0, done=0)
