@@ -393,7 +393,9 @@ def data_parallel_job(train_entries: Sequence[dict], val_entries: Sequence[dict]
     start_epoch, _ = latest_position(storage_uri, name)
     ds = build_datasets({"train": train, "val": val}, loader, seed, int(tcfg["epochs"]),
                         min(start_epoch, int(tcfg["epochs"]) - 1), transform)
-    extra = {"steps_per_epoch": steps, "local_bs": local_bs, "start_epoch": start_epoch,
+    small = int(loader.materialize_mb) * (1 << 20)
+    keep = [r for r, shards in enumerate(val) if shards and sum(int(e.get("bytes") or 0) for e in shards) <= small]
+    extra = {"steps_per_epoch": steps, "local_bs": local_bs, "start_epoch": start_epoch, "val_keep": keep,
              "loader": loader.model_dump() if hasattr(loader, "model_dump") else dict(loader)}
     return extra, ds
 
@@ -446,16 +448,28 @@ def chunk_iterator(it, loader: dict, local_bs: int, seed: int, rank: int, device
                                  prefetch_batches=int(loader["prefetch_chunks"]))
 
 
-def val_evaluator(it, device: Any, batch_size: int = 4096):
-    """evaluate(model) -> (errors, n) over this rank's val iterator (None: no val shards)."""
+def val_evaluator(it, device: Any, batch_size: int = 4096, keep: bool = False):
+    """evaluate(model) -> (errors, n) over this rank's val iterator (None: no val shards).
+
+    keep: hold the batches after the first pass (for val shares under `data.loader.materialize_mb`):
+    each pass over a Ray Data iterator costs ~0.3-1 s of start-up, more than a small model's epoch."""
     from pipeline import datasets, training
 
     if it is None:
         return lambda model: (0.0, 0.0)
+    kept: list = []
+
+    def batches():
+        if kept:
+            return kept
+        out = it.iter_torch_batches(batch_size=batch_size, collate_fn=datasets.Collate(device))
+        if not keep:
+            return out
+        kept.extend(out)
+        return kept
 
     def evaluate(model):
-        return training.evaluate_batches(model, it.iter_torch_batches(batch_size=batch_size,
-                                                                      collate_fn=datasets.Collate(device)), device)
+        return training.evaluate_batches(model, batches(), device)
 
     return evaluate
 
@@ -544,7 +558,8 @@ def train_loop(config: dict) -> None:
             time.sleep(float(fault["epoch_sleep"]))
 
     try:
-        training.run_epochs(state, batches, loss_fn, evaluate=val_evaluator(val_it, device),
+        training.run_epochs(state, batches, loss_fn,
+                            evaluate=val_evaluator(val_it, device, keep=rank in config.get("val_keep", [])),
                             reduce=lambda v: _all_reduce(v, device), checkpoint=save, report=report,
                             log=_progress, name=name, seed=seed, rank=rank)
     except Exception as e:

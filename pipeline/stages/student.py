@@ -284,7 +284,9 @@ def train_in_process(job: dict, kind: str, T: float = 1.0, alpha: float = 0.0, l
         if report is not None:
             report(out)
 
-    training.run_epochs(state, batches, loss_fn, evaluate=ray_train.val_evaluator(val.iterator(), device),
+    val_bytes = sum(int(e.get("bytes") or 0) for e in datasets.split_items(job["data_uri"], "val"))
+    keep = val_bytes <= int(loader["materialize_mb"]) * (1 << 20)
+    training.run_epochs(state, batches, loss_fn, evaluate=ray_train.val_evaluator(val.iterator(), device, keep=keep),
                         report=on_epoch, name=f"student-{kind}", seed=seed)
     model = state.model
     if state.best_state is not None:
