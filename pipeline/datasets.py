@@ -67,15 +67,6 @@ def _shuffle_rows(cols: dict[str, np.ndarray], seed: Optional[Sequence[int]]) ->
     return {k: v[perm] for k, v in cols.items()}
 
 
-def _filter_rows(cols: dict[str, np.ndarray], classes: Optional[Sequence[int]], invert: bool) -> dict[str, np.ndarray]:
-    if classes is None:
-        return cols
-    keep = np.isin(cols["y"], np.asarray(classes, dtype=np.int64))
-    if invert:
-        keep = ~keep
-    return {k: v[keep] for k, v in cols.items()}
-
-
 def _data_columns(data: bytes, name: str) -> dict[str, np.ndarray]:
     from pipeline.data import shards
 
@@ -125,7 +116,7 @@ def _read_one(shard: dict) -> dict[str, np.ndarray]:
         _check_sha(data, shard.get("sha256"), shard["uri"],
                    f"run `distill data verify {shard['root']}` and re-ingest (or `distill stage data CONFIG --force`)")
         cols = _data_columns(data, shard["uri"])
-    return _filter_rows(cols, shard.get("classes"), bool(shard.get("invert")))
+    return cols
 
 
 def _read_shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -227,11 +218,6 @@ def epoch_items(shards: Sequence[dict], epochs: Sequence[int], seed: int, shuffl
     return out
 
 
-def with_classes(items: Sequence[dict], classes: Sequence[int], invert: bool = False) -> list[dict]:
-    """Shards whose rows are filtered to labels in `classes` (invert: labels not in them)."""
-    return [dict(it, classes=[int(c) for c in classes], invert=bool(invert)) for it in items]
-
-
 # -------------------------------------------------------------------------------------------------
 # Datasets
 
@@ -298,14 +284,6 @@ def read_split(data_uri: str, split: str, *, verify: bool = True, manifest: Opti
     return from_items(group_items(split_items(data_uri, split, manifest, verify), group_rows), read_cpus, concurrency)
 
 
-def read_joined(cache_uri: str, which: str = "ensemble", *, data_uri: Optional[str] = None,
-                fmt: Optional[str] = None, verify: bool = True, read_cpus: float = DEFAULT_READ_CPUS,
-                concurrency: int = DEFAULT_READ_CONCURRENCY, group_rows: int = DEFAULT_GROUP_ROWS):
-    """The transfer set joined with its cached targets, in source order."""
-    return from_items(group_items(cache_items(cache_uri, which, data_uri, fmt, verify=verify), group_rows),
-                      read_cpus, concurrency)
-
-
 def training_stream(shards: Sequence[dict], start_epoch: int, epochs: int, seed: int,
                     read_cpus: float = DEFAULT_READ_CPUS, concurrency: int = DEFAULT_READ_CONCURRENCY,
                     group_rows: int = DEFAULT_GROUP_ROWS, transform: Optional[dict] = None):
@@ -325,19 +303,6 @@ def class_counts(data_uri: str, split: str) -> Optional[np.ndarray]:
     info = shards.read_manifest(data_uri)["splits"].get(split) or {}
     counts = info.get("class_counts")
     return None if counts is None else np.asarray(counts, dtype=np.int64)
-
-
-def numpy_batch_to_torch(batch: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
-    """numpy batch (from `iter_batches`) -> torch tensors on `device` (strings and bytes stay numpy)."""
-    import torch
-
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, np.ndarray) and v.dtype != object and v.dtype.kind in "biuf":
-            out[k] = torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True)
-        else:
-            out[k] = v
-    return out
 
 
 def _collate_base():
