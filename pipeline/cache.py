@@ -1054,7 +1054,7 @@ def verify_cache(uri: str, check_source: bool = True, progress: bool = False) ->
             if found:
                 problems[name] = "; ".join(found)
             if progress:
-                from pipeline.runner import log
+                from pipeline.log import log
 
                 log(f"targets verify: {i + 1}/{len(entries)} {name}: {'DAMAGED' if found else 'ok'}")
     owned = {e.get("name") for e in entries}

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Optional
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.log import log
 
 # tune runs before student: it searches T/alpha on the cache, and the final student uses its best.
 EXEC_ORDER = ("data", "teacher", "cluster", "specialists", "targets", "tune", "student", "report")
@@ -56,11 +57,6 @@ def marker_fingerprint(cfg: Config, stage: str) -> Optional[str]:
 
 def stage_module(stage: str):
     return importlib.import_module(f"pipeline.stages.{stage}")
-
-
-def log(msg: str) -> None:
-    stamp = datetime.now().strftime("%H:%M:%S")
-    print(f"[distill {stamp}] {msg}", file=sys.stderr, flush=True)
 
 
 def run_stage(cfg: Config, stage: str, force: bool = False) -> dict:

@@ -52,7 +52,7 @@ class RawData:
 
 
 def _log(msg: str) -> None:
-    from pipeline.runner import log
+    from pipeline.log import log
 
     log(msg)
 

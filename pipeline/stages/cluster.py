@@ -67,7 +67,7 @@ def generalist_meta(cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     from pipeline.data.shards import read_manifest
-    from pipeline.runner import log
+    from pipeline.log import log
     from specialists.clustering import adjusted_rand, cluster_classes
 
     cc = cfg.cluster

@@ -54,7 +54,7 @@ def _repair_before_ingest(cfg: Config, out: str) -> None:
     is, is a UserError naming it."""
     from pipeline.data.shards import MANIFEST, verify_dataset
     from pipeline.errors import UserError
-    from pipeline.runner import log
+    from pipeline.log import log
 
     if not storage.exists(storage.join(out, MANIFEST)):
         return
@@ -77,7 +77,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     from pipeline.data.ingest import shards_present
     from pipeline.data.shards import MANIFEST, read_manifest
     from pipeline.errors import UserError
-    from pipeline.runner import log
+    from pipeline.log import log
 
     out = cfg.stage_uri("data")
     manifest = None

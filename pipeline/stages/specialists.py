@@ -174,7 +174,7 @@ def _trainable(config: dict, job: dict) -> None:
 def _log_callback():
     from ray.tune import Callback
 
-    from pipeline.runner import log
+    from pipeline.log import log
 
     class _Log(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -240,7 +240,7 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
     """Train specialists `todo` as parallel Tune trials; returns timing info. Raises if any fails."""
     from ray import tune
 
-    from pipeline.runner import log
+    from pipeline.log import log
 
     sc = cfg.specialists
     out = cfg.stage_uri("specialists")
@@ -301,7 +301,7 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
 def run(cfg: Config) -> dict:
     from pipeline.data.shards import read_manifest
     from pipeline.models import checkpoint_fingerprint
-    from pipeline.runner import log
+    from pipeline.log import log
     from pipeline.stages.cluster import read_subsets
 
     if cfg.specialists.batch_size < 2:
@@ -370,7 +370,7 @@ def evaluate_on_test(cfg: Config, subsets: list[list[int]], class_names: list[li
     cached targets come from the same code. Per-batch counts are merged; nothing of size N is held.
     """
     from pipeline import inference
-    from pipeline.runner import log
+    from pipeline.log import log
     from pipeline.specialist_training import METRICS_FILE as SPEC_METRICS
     from pipeline.teacher_ensemble import resolve_from_config
 

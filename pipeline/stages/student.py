@@ -113,7 +113,7 @@ def distilled_fingerprint(cfg: Config, which: str) -> str:
 
 def hyperparameters(cfg: Config) -> dict:
     """{"T", "alpha", "lr", "source"} for the distilled student: tune's best, or the config's."""
-    from pipeline.runner import log
+    from pipeline.log import log
     from pipeline.stages.tune import read_best
 
     s = cfg.student
@@ -455,7 +455,7 @@ def latencies(cfg: Config, student, input_shape) -> dict:
 def run(cfg: Config) -> dict:
     from pipeline import export, models, ray_train
     from pipeline.data import shards
-    from pipeline.runner import log
+    from pipeline.log import log
 
     t0 = time.perf_counter()
     s = cfg.student

@@ -365,7 +365,7 @@ def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
     ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"job": job}, batch_size=None, batch_format="numpy",
                         zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     if progress:
-        from pipeline.runner import log
+        from pipeline.log import log
 
         log(f"targets: {len(job['tasks'])} shards: read tasks -> {actors} model replica(s) "
             f"({t.cpus_per_actor} CPU, {t.gpus_per_actor} GPU each) -> 1 writer, on Ray Data")
@@ -393,7 +393,8 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
     it are kept.
     """
     from pipeline import cache
-    from pipeline.runner import log, marker_uri
+    from pipeline.log import log
+    from pipeline.runner import marker_uri
 
     t0 = time.perf_counter()
     say = log if progress else (lambda msg: None)

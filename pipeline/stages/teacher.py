@@ -94,7 +94,7 @@ def evaluate_saved(cfg: Config, checkpoint_uri: str, data_uri: str, split: str, 
 def run(cfg: Config) -> dict:
     from pipeline import models, ray_train, training
     from pipeline.data import shards
-    from pipeline.runner import log
+    from pipeline.log import log
 
     t0 = time.perf_counter()
     tc = cfg.teacher

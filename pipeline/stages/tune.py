@@ -147,7 +147,7 @@ def _trainable(config: dict, job: dict) -> None:
 def _log_callback(total: int):
     from ray.tune import Callback
 
-    from pipeline.runner import log
+    from pipeline.log import log
 
     class _Log(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -175,7 +175,7 @@ def run(cfg: Config) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from pipeline.runner import log
+    from pipeline.log import log
     from pipeline.stages.student import student_job
 
     problems = _check(cfg)
