@@ -40,8 +40,20 @@ def cmd_run(args) -> int:
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
+    if args.seeds is not None:  # the seeds harness (docs/seeds.md)
+        from pipeline.seeds import run_seeds
+
+        sys.stdout.write(run_seeds(args.config, args.overrides, args.seeds, force=args.force))
+        return 0
     cfg = load_config(args.config, args.overrides)
     run_pipeline(cfg, force=args.force)
+    return 0
+
+
+def cmd_seeds_summary(args) -> int:
+    from pipeline.seeds import rebuild_seeds_summary
+
+    sys.stdout.write(rebuild_seeds_summary(args.dir, args.seeds))
     return 0
 
 
@@ -128,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="every stage in order; up-to-date stages are skipped")
     with_config(r)
     r.add_argument("--force", action="store_true", help="rerun stages even when up to date")
+    r.add_argument("--seeds", metavar="S,S,...", help="run once per global seed into {output_dir}/seed-S, "
+                   "then write seeds_summary.json, seeds_report.md, seeds.png there (docs/seeds.md)")
     r.set_defaults(func=cmd_run)
+    ss = sub.add_parser("seeds-summary", help="rebuild the seeds summary of DIR from its seed-S runs (runs nothing)")
+    ss.add_argument("dir", help="output_dir of a `distill run CONFIG --seeds ...` run")
+    ss.add_argument("--seeds", metavar="S,S,...", help="only these seeds (default: every seed-S with a summary.json)")
+    ss.set_defaults(func=cmd_seeds_summary)
 
     s = sub.add_parser("stage", help="one stage: " + "|".join(STAGES))
     s.add_argument("name", choices=STAGES)
