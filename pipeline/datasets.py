@@ -87,7 +87,7 @@ def _cache_columns(item: dict) -> dict[str, np.ndarray]:
     data = storage.read_bytes(uri)
     _check_sha(data, item.get("cache_sha256"), uri,
                f"run `distill targets verify {item['cache_root']}` and `distill targets regen CONFIG`")
-    arrays = cache.read_parquet(data) if item["fmt"] == "parquet" else cache.read_webdataset(data)
+    arrays = cache.read_shard(data, item["fmt"])
     layout = cache.Layout(**item["layout"])
     cols = {k: np.asarray(v) for k, v in cache.select_targets(arrays, item["which"], layout).items()}
     keys = np.asarray(arrays["keys"], dtype=object)
@@ -165,7 +165,7 @@ def cache_items(cache_uri: str, which: str, data_uri: Optional[str] = None, fmt:
 
     m = manifest or cache.read_manifest(cache_uri)
     layout = cache.layout_of(m)
-    fmt = cache._pick_format(m, fmt, cache_uri)
+    fmt = cache.pick_format(m, fmt, cache_uri)
     root = data_uri or m["dataset"]["uri"]
     items = []
     for i, e in enumerate(m["shards"]):
@@ -175,7 +175,7 @@ def cache_items(cache_uri: str, which: str, data_uri: Optional[str] = None, fmt:
                 "layout": asdict(layout), "num_samples": int(e["num_samples"]), "shard": i,
                 "bytes": int(info.get("bytes") or 0),
                 "source_uri": None, "source_sha256": None}
-        if fmt == "parquet":
+        if not cache.get_format(fmt).carries_inputs:  # joined with its input shard when read
             item["source_uri"] = storage.join(root, e["source"])
             item["source_sha256"] = e.get("source_sha256") if verify else None
         items.append(item)

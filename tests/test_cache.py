@@ -1,4 +1,4 @@
-"""Soft-target cache format, planning, verification and readers (pipeline/cache.py), without Ray.
+"""Soft-target cache format, planning, verification and readers (pipeline/cache/), without Ray.
 
 The Ray Data path of the targets stage is exercised in test_targets_stage.py; here the same
 `regenerate` runs its writer in-process (`use_ray=False`) so the format and bookkeeping are tested fast.
@@ -17,7 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import cache, storage
+from pipeline import cache, datasets, storage
+from pipeline.cache import parquet as cache_parquet
+from pipeline.cache import webdataset as cache_webdataset
+from pipeline.data import shards
 from pipeline.errors import UserError
 from pipeline.stages import targets
 
@@ -43,6 +46,16 @@ def run(tmp_path):
 
 def _cfg(cfg, **targets_over):
     return cfg.model_copy(update={"targets": cfg.targets.model_copy(update=targets_over)})
+
+
+def _joined(cache_uri, which="ensemble", fmt=None, shard_indices=None, verify=True):
+    """The cache joined with its inputs, read without Ray by the per-shard reader the production
+    Ray Data read tasks run (`datasets.cache_items` items, checksums checked, keys compared)."""
+    items = datasets.cache_items(cache_uri, which, fmt=fmt, verify=verify)
+    if shard_indices is not None:
+        items = [items[i] for i in shard_indices]
+    parts = [datasets._read_one(it) for it in items]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,14 +146,14 @@ def test_array_built_tar_equals_tarfile_and_reads_back(tmp_path, monkeypatch, to
          "partial": np.where(np.arange(n) % 3 == 0, -1, np.arange(n) % NUM_CLASSES)}[labels]
     x = np.random.default_rng(2).normal(size=(n, 3, 2)).astype(np.float32)
     cache.write_webdataset(str(tmp_path / "fast.tar"), keys, y, x, fields, layout)
-    monkeypatch.setattr(cache, "_tar_fast", lambda *a: None)
+    monkeypatch.setattr(cache_webdataset, "_tar_fast", lambda *a: None)
     cache.write_webdataset(str(tmp_path / "slow.tar"), keys, y, x, fields, layout)
     monkeypatch.undo()
     fast_bytes = (tmp_path / "fast.tar").read_bytes()
     assert fast_bytes == (tmp_path / "slow.tar").read_bytes()
-    assert (cache._read_tar_fast(fast_bytes) is not None) == (labels != "partial")
+    assert (shards.index_regular_tar(fast_bytes) is not None) == (labels != "partial")
     got = cache.read_webdataset(fast_bytes)
-    monkeypatch.setattr(cache, "_read_tar_fast", lambda data: None)
+    monkeypatch.setattr(shards, "index_regular_tar", lambda data: None)
     ref = cache.read_webdataset(fast_bytes)
     assert set(got) == set(ref)
     for k in ref:
@@ -152,7 +165,7 @@ def test_array_built_tar_equals_tarfile_and_reads_back(tmp_path, monkeypatch, to
     bad = bytearray(fast_bytes)
     bad[member.offset + 120] ^= 0x01  # the gid field: only the checksum can tell
     monkeypatch.undo()
-    assert cache._read_tar_fast(bytes(bad)) is None
+    assert shards.index_regular_tar(bytes(bad)) is None
 
 
 def test_parquet_schema_is_fixed_width(tmp_path):
@@ -410,8 +423,8 @@ def test_readers_refuse_a_damaged_shard(run):
     _regen(run)
     _flip_byte(os.path.join(run.stage_uri("targets"), "train-000001.parquet"))
     with pytest.raises(UserError, match="train-000001.parquet.*damaged"):
-        cache.load_joined(run.stage_uri("targets"))
-    assert len(cache.load_joined(run.stage_uri("targets"), shard_indices=[0, 2])["x"]) == 47
+        _joined(run.stage_uri("targets"))
+    assert len(_joined(run.stage_uri("targets"), shard_indices=[0, 2])["x"]) == 47
 
 
 def test_verify_reports_missing_files_and_missing_manifest(run):
@@ -424,7 +437,7 @@ def test_verify_reports_missing_files_and_missing_manifest(run):
     with pytest.raises(UserError, match="regen"):
         cache.verify_cache(cache_uri)
     with pytest.raises(UserError, match="manifest"):
-        cache.load_joined(cache_uri)
+        _joined(cache_uri)
     r = _regen(run)
     assert (r["rewritten"], r["missing"], r["kept"]) == (1, 1, 2)
 
@@ -433,7 +446,7 @@ def test_a_crash_mid_write_leaves_no_partial_shard_and_a_rerun_finishes(run, mon
     cache_uri = run.stage_uri("targets")
     _regen(run)  # a complete cache, then a new teacher: every shard must be rewritten
     write_teacher(run, seed=3)
-    real = cache.write_parquet
+    real = cache_parquet.write_parquet
     calls = {"n": 0}
 
     def dying(path, *a, **k):
@@ -444,10 +457,10 @@ def test_a_crash_mid_write_leaves_no_partial_shard_and_a_rerun_finishes(run, mon
             raise KeyboardInterrupt("killed")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(cache, "write_parquet", dying)
+    monkeypatch.setattr(cache_parquet, "write_parquet", dying)
     with pytest.raises(KeyboardInterrupt):
         _regen(run)
-    monkeypatch.setattr(cache, "write_parquet", real)
+    monkeypatch.setattr(cache_parquet, "write_parquet", real)
     names = sorted(os.listdir(cache_uri))
     assert "manifest.json" not in names  # the cache reads as incomplete
     assert not [n for n in names if n.startswith(".tmp")]
@@ -498,8 +511,8 @@ def test_unlabelled_transfer_set(tmp_path):
     table = pq.read_table(os.path.join(cfg.stage_uri("targets"), "train-000000.parquet"))
     assert table.column("label").null_count == 20
     for fmt in ("parquet", "webdataset"):
-        j = cache.load_joined(cfg.stage_uri("targets"), fmt=fmt)
-        assert j["y"] is None and j["x"].shape == (35, 8)
+        j = _joined(cfg.stage_uri("targets"), fmt=fmt)
+        assert (j["y"] == -1).all() and j["x"].shape == (35, 8) and j["teacher"].shape == (35, NUM_CLASSES)
 
 
 def test_regen_refuses_to_write_into_the_dataset_or_a_foreign_folder(run, tmp_path):
@@ -527,36 +540,31 @@ def test_fingerprint_ignores_execution_settings(run):
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
 def test_joined_reader_aligns_inputs_labels_and_targets(run, fmt):
-    from pipeline.data.shards import load_split
-
     cfg = _cfg(run, format="both")
     _regen(cfg)
     cache_uri = cfg.stage_uri("targets")
-    x, y, keys = load_split(cfg.stage_uri("data"), "train")
-    j = cache.load_joined(cache_uri, which="ensemble", fmt=fmt)
-    assert np.array_equal(j["x"], x) and np.array_equal(j["y"], y) and list(j["keys"]) == list(keys)
-    assert j["teacher"].shape == (77, NUM_CLASSES) and j["teacher_is_logprob"]
-    g = cache.load_joined(cache_uri, which="generalist", fmt=fmt, shard_indices=[1])
-    assert g["x"].shape[0] == 30 and not g["teacher_is_logprob"]
-    assert np.array_equal(g["x"], x[30:60])
-    batches = list(cache.iter_joined_batches(j, batch_size=32, shuffle=True, seed=0))
-    assert [b["x"].shape[0] for b in batches] == [32, 32, 13]
-    assert all(isinstance(b["teacher"], torch.Tensor) and b["teacher"].shape[1] == NUM_CLASSES for b in batches)
-    seen = torch.cat([b["y"] for b in batches]).sort().values
-    assert torch.equal(seen, torch.from_numpy(np.sort(y)))
+    x, y, keys = shards.load_split(cfg.stage_uri("data"), "train")
+    j = _joined(cache_uri, which="ensemble", fmt=fmt)
+    assert np.array_equal(j["x"], x) and np.array_equal(j["y"], y) and list(j["key"]) == list(keys)
+    assert j["teacher"].shape == (77, NUM_CLASSES)
+    np.testing.assert_allclose(np.exp(j["teacher"].astype(np.float32)).sum(1), 1.0, atol=2e-2)  # log-probs
+    g = _joined(cache_uri, which="generalist", fmt=fmt, shard_indices=[1])
+    assert np.array_equal(g["x"], x[30:60]) and list(g["key"]) == list(keys[30:60])
+    stored = cache.load_cache_shard(storage.join(cache_uri, cache.shard_file_name("train-000001", fmt)))
+    assert np.array_equal(g["teacher"], stored["generalist_logits"])  # the generalist's raw logits
 
 
 def test_joined_reader_refuses_a_cache_from_other_inputs(run):
     _regen(run)
     # The dataset is rebuilt with the same sizes but other keys: the join must fail loudly.
-    import pipeline.data.shards as ds
-
-    entry = ds.read_manifest(run.stage_uri("data"))["splits"]["train"]["shards"][0]
-    x, y, keys = ds.load_shard(storage.join(run.stage_uri("data"), entry["path"]))
+    entry = shards.read_manifest(run.stage_uri("data"))["splits"]["train"]["shards"][0]
+    x, y, keys = shards.load_shard(storage.join(run.stage_uri("data"), entry["path"]))
     storage.write_bytes_atomic(storage.join(run.stage_uri("data"), entry["path"]),
-                               ds.encode_shard(x, y, [k.replace("train", "other") for k in keys]))
-    with pytest.raises(UserError, match="keys do not match"):
-        cache.load_joined(run.stage_uri("targets"))
+                               shards.encode_shard(x, y, [k.replace("train", "other") for k in keys]))
+    with pytest.raises(UserError, match="sha256 differs"):  # the input shard is not the one the cache was made from
+        _joined(run.stage_uri("targets"))
+    with pytest.raises(UserError, match="keys do not match"):  # and without checksums, the keys tell
+        _joined(run.stage_uri("targets"), verify=False)
 
 
 def test_topk_cache_end_to_end(run):
@@ -565,8 +573,12 @@ def test_topk_cache_end_to_end(run):
     assert r["rewritten"] == 3
     cache_uri = cfg.stage_uri("targets")
     assert cache.verify_cache(cache_uri)["damaged"] == 0
-    j = cache.load_joined(cache_uri, fmt="webdataset")
-    assert j["teacher_topk_idx"].shape == (77, 2) and j["teacher_tail"].shape == (77,)
-    b = next(cache.iter_joined_batches(j, 16, shuffle=False, dense=True))
-    assert b["teacher"].shape == (16, NUM_CLASSES)
-    torch.testing.assert_close(b["teacher"].exp().sum(1), torch.ones(16), atol=2e-3, rtol=0)
+    j = _joined(cache_uri, fmt="webdataset")
+    assert j["teacher_topk_idx"].shape == (77, 2) and j["teacher_tail"].shape == (77,) and "teacher" not in j
+    p = _joined(cache_uri, fmt="parquet")
+    for k in ("teacher_topk_idx", "teacher_topk_val", "teacher_tail", "x", "y"):
+        assert np.array_equal(p[k], j[k]), k
+    dense = cache.topk_to_dense(*(torch.from_numpy(j[k][:16]) for k in ("teacher_topk_idx", "teacher_topk_val",
+                                                                       "teacher_tail")), NUM_CLASSES)
+    assert dense.shape == (16, NUM_CLASSES)
+    torch.testing.assert_close(dense.exp().sum(1), torch.ones(16), atol=2e-3, rtol=0)

@@ -26,12 +26,12 @@ def dataset(tmp_path, tiny_synthetic):
 
 def _decode_with_tarfile(data: bytes):
     """The generic path (tarfile module, per member), for comparison with the fast one."""
-    real = shards._fast_index
-    shards._fast_index = lambda d: None
+    real = shards.index_regular_tar
+    shards.index_regular_tar = lambda d: None
     try:
         return decode_shard(data)
     finally:
-        shards._fast_index = real
+        shards.index_regular_tar = real
 
 
 # ---------------------------------------------------------------------------------------------

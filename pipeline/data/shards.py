@@ -1,4 +1,4 @@
-"""The dataset format on disk: WebDataset tar shards plus `manifest.json` (DESIGN.md, "Dataset shards").
+"""The dataset format on disk: WebDataset tar shards plus `manifest.json` (docs/data.md, "The dataset folder").
 
 A dataset folder (local path or `s3://` prefix) holds
 
@@ -17,6 +17,14 @@ into one array, which is much faster than a per-sample loop. Tar member order an
 (mtime 0, no owner), so the same samples always give the same bytes and the same sha256: an
 interrupted ingest can keep the shards it already wrote, and `verify_dataset` can name any shard whose
 bytes changed.
+
+This module is also the project's one tar and .npy reader: `index_regular_tar` (the vectorised
+index of a tar whose samples all have the same members), `tar_members` (member by member, for
+anything else), `decode_npy` (many .npy members as one array) and `MAX_LABEL_CHARS`. The
+soft-target cache's WebDataset shards (`pipeline.cache.webdataset`) are read with them: they are
+tars of the same kind with one more member per sample, so one reader keeps the header checks, the
+damage handling and the no-pickle rule identical for both. Building headers for writing is shared
+through `pipeline.tarfast`.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import re
 import sys
 import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -46,6 +55,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ENCODINGS = ("npy", "image")
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9]+)-(?P<index>\d{6})\.tar$")
 DTYPES = ("uint8", "float32")
+MAX_LABEL_CHARS = 20  # a `.cls` member holds at most this many ASCII digits (every writer refuses more)
 
 
 class ShardError(RuntimeError):
@@ -138,7 +148,8 @@ def _encode_shard_arrays(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[
         names = np.concatenate([keys_arr, np.broadcast_to(np.frombuffer(suffix, dtype=np.uint8), (n, len(suffix)))], axis=1)
         rec[:, off:off + _BLOCK] = _headers(names, sizes)
     if y is not None:
-        rec[:, _BLOCK:_BLOCK + 20] = np.array(labels, dtype="S20").view(np.uint8).reshape(n, 20)
+        rec[:, _BLOCK:_BLOCK + MAX_LABEL_CHARS] = (np.array(labels, dtype=f"S{MAX_LABEL_CHARS}").view(np.uint8)
+                                                   .reshape(n, MAX_LABEL_CHARS))
     start = in_off + _BLOCK
     rec[:, start:start + len(npy)] = npy
     rec[:, start + len(npy):start + payload] = np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
@@ -154,7 +165,7 @@ def encode_shard(x: np.ndarray, y: Optional[np.ndarray], keys: Sequence[str]) ->
     n = len(x)
     if len(keys) != n or (y is not None and len(y) != n):
         raise ValueError(f"encode_shard: {n} inputs, {len(keys)} keys, {None if y is None else len(y)} labels")
-    if y is not None and n and (int(np.min(y)) < 0 or len(str(int(np.max(y)))) > 20):
+    if y is not None and n and (int(np.min(y)) < 0 or len(str(int(np.max(y)))) > MAX_LABEL_CHARS):
         raise ValueError("encode_shard: labels must be non-negative integers")
     fast = _encode_shard_arrays(x, y, keys)
     return fast if fast is not None else encode_shard_tarfile(x, y, keys)
@@ -229,7 +240,13 @@ def _split_member(mname: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (ext if dot else "")
 
 
-_MAX_LABEL_CHARS = 20
+def tar_members(data: bytes, name: str) -> list[tuple[str, str, int, int]]:
+    """(key, extension, payload offset, payload size) of every regular member, in tar order.
+
+    Keys follow WebDataset's rule (`_split_member`). Plain ustar headers are read directly
+    (`_walk_plain_tar`); anything else goes through the tarfile module. ShardError when the archive
+    is truncated or damaged."""
+    return [(*_split_member(m), off, size) for m, off, size in (_walk_plain_tar(data) or _index_tar(data, name))]
 
 
 def _first_header(dv: np.ndarray, off: int) -> Optional[tuple[str, int]]:
@@ -242,30 +259,42 @@ def _first_header(dv: np.ndarray, off: int) -> Optional[tuple[str, int]]:
     return bytes(h[:100]).split(b"\0", 1)[0].decode("utf-8", "replace"), int(size[0])
 
 
-def _fast_index(data: bytes) -> Optional[tuple[list[str], np.ndarray, int, Optional[np.ndarray]]]:
-    """Index a regularly laid-out shard (every sample: the same members, same padded sizes, one
-    fixed-size input) with array operations instead of a per-member Python loop.
+@dataclass(frozen=True)
+class RegularTar:
+    """What `index_regular_tar` found: N samples, each with the same members in the same order."""
 
-    Returns (keys, input payload offsets, input payload size, labels or None), or None whenever the
-    layout is anything else (then the caller falls back to the tarfile module). Every header is still
-    checked: ustar magic, regular-file type, octal size and checksum, name = key + extension.
+    keys: list[str]
+    labels: Optional[np.ndarray]                 # (N,) int64 from the `.cls` members; None without them
+    members: dict[str, tuple[np.ndarray, int]]   # other extension -> (payload offsets (N,), payload size)
+
+
+def index_regular_tar(data: bytes) -> Optional[RegularTar]:
+    """Index a regularly laid-out tar with array operations instead of a per-member Python loop.
+
+    Regular: every sample has the same members in the same order, each (but `.cls`) of one fixed
+    size — what `encode_shard` and the soft-target cache's WebDataset writer produce. The first
+    sample's headers give the record layout; then every header of every sample is checked at once:
+    ustar magic, regular-file type, no name prefix, octal size and checksum, name = key + extension,
+    keys without dots and unique, `.cls` payloads of 1 to MAX_LABEL_CHARS ASCII digits. None whenever
+    anything differs (the caller then walks the members one by one with `tar_members`).
     """
     dv = np.frombuffer(data, dtype=np.uint8)
-    first = _first_header(dv, 0)
-    if first is None:
-        return None
-    key0, ext0 = _split_member(first[0])
-    slots = [(0, ext0, first[1])]
-    off2 = _BLOCK + _padded(first[1])
-    second = _first_header(dv, off2)
-    if second is not None and _split_member(second[0])[0] == key0:
-        ext1 = _split_member(second[0])[1]
-        slots.append((off2, ext1, second[1]))
-        period = off2 + _BLOCK + _padded(second[1])
-    else:
-        period = off2
+    slots: list[tuple[int, str, int]] = []  # (header offset within a sample's record, extension, size)
+    key0, off = None, 0
+    while True:
+        head = _first_header(dv, off)
+        if head is None:
+            break
+        key, ext = _split_member(head[0])
+        if key0 is None:
+            key0 = key
+        elif key != key0:
+            break
+        slots.append((off, ext, head[1]))
+        off += _BLOCK + _padded(head[1])
+    period = off
     exts = [e for _, e, _ in slots]
-    if INPUT_EXT not in exts or len(set(exts)) != len(exts) or not set(exts) <= {INPUT_EXT, LABEL_EXT}:
+    if not key0 or len(set(exts)) != len(exts) or set(exts) <= {LABEL_EXT}:
         return None
     nmax = (len(dv) - 2 * _BLOCK) // period
     if nmax < 1:
@@ -273,10 +302,12 @@ def _fast_index(data: bytes) -> Optional[tuple[list[str], np.ndarray, int, Optio
     heads = np.lib.stride_tricks.as_strided(dv, shape=(nmax, _BLOCK), strides=(period, 1), writeable=False)
     present = heads.any(axis=1)
     n = int(nmax if present.all() else np.argmin(present))
-    if n == 0 or present[:n].sum() != n or dv[n * period:].any():
+    if n == 0 or dv[n * period:].any():
         return None
     keys_b = None
-    out_offsets, out_size, labels = None, 0, None
+    labels = None
+    members: dict[str, tuple[np.ndarray, int]] = {}
+    named = []  # (member names (N,), b".ext"): each must be key + extension
     for slot_off, ext, size0 in slots:
         h = np.lib.stride_tricks.as_strided(dv[slot_off:], shape=(n, _BLOCK), strides=(period, 1),
                                             writeable=False)
@@ -292,38 +323,42 @@ def _fast_index(data: bytes) -> Optional[tuple[list[str], np.ndarray, int, Optio
             return None
         names = np.ascontiguousarray(h[:, :100]).view("S100").ravel()
         suffix = ("." + ext).encode()
-        if ext == INPUT_EXT:
-            if not np.all(sizes == size0) or not np.char.endswith(names, suffix).all():
+        named.append((names, suffix))
+        if ext == LABEL_EXT:
+            if sizes.min() < 1 or sizes.max() > MAX_LABEL_CHARS:
                 return None
-            kb = np.char.replace(names, suffix, b"")
-            if (np.char.find(kb, b".") >= 0).any() or (np.char.str_len(kb) + len(suffix) != np.char.str_len(names)).any():
-                return None
-            keys_b = kb if keys_b is None else keys_b
-            out_offsets = slot_off + _BLOCK + period * np.arange(n, dtype=np.int64)
-            out_size = size0
-        else:
-            if sizes.min() < 1 or sizes.max() > _MAX_LABEL_CHARS:
-                return None
-            w = np.lib.stride_tricks.as_strided(dv[slot_off + _BLOCK:], shape=(n, _MAX_LABEL_CHARS),
+            w = np.lib.stride_tricks.as_strided(dv[slot_off + _BLOCK:], shape=(n, MAX_LABEL_CHARS),
                                                 strides=(period, 1), writeable=False)
             digits = w.astype(np.int64) - 48
-            col = np.arange(_MAX_LABEL_CHARS)
+            col = np.arange(MAX_LABEL_CHARS)
             used = col[None, :] < sizes[:, None]
             if ((digits < 0) | (digits > 9))[used].any():
                 return None
             power = np.where(used, sizes[:, None] - 1 - col[None, :], 0)
             labels = np.where(used, digits * 10 ** power, 0).sum(axis=1)
-            label_names = names
-    if labels is not None:
-        if not np.array_equal(np.char.add(keys_b, ("." + LABEL_EXT).encode()), label_names):
+            continue
+        if not np.all(sizes == size0):
+            return None
+        members[ext] = (slot_off + _BLOCK + period * np.arange(n, dtype=np.int64), int(size0))
+        if keys_b is None:
+            if not np.char.endswith(names, suffix).all():
+                return None
+            kb = np.char.replace(names, suffix, b"")
+            if ((np.char.find(kb, b".") >= 0).any() or (np.char.str_len(kb) == 0).any()
+                    or (np.char.str_len(kb) + len(suffix) != np.char.str_len(names)).any()):
+                return None
+            keys_b = kb
+    for names, suffix in named:
+        if not np.array_equal(np.char.add(keys_b, suffix), names):
             return None
     keys = [k.decode("utf-8") for k in keys_b.tolist()]
     if len(set(keys)) != n:
         return None
-    return keys, out_offsets, int(out_size), labels
+    return RegularTar(keys, labels, members)
 
 
-def _parse_npy_header(blob: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+def parse_npy_header(blob: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, header length) of the .npy bytes that start `blob`."""
     bio = io.BytesIO(blob)
     major, _minor = np.lib.format.read_magic(bio)
     if major == 1:
@@ -351,19 +386,26 @@ def _rows(data: bytes, offsets: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _decode_inputs(data: bytes, offsets: np.ndarray, sizes: np.ndarray, name: str) -> np.ndarray:
-    """(N, ...) array of the .npy payloads at `offsets`: one header parse and one copy when every
-    payload shares the header (the fast path), else np.load per member."""
+_NPY_HEADER_MAX = 65536 + 16  # a version-1 header length is a uint16: the header is within this
+
+
+def decode_npy(data: bytes, offsets: np.ndarray, sizes: np.ndarray, name: str, what: str = "input") -> np.ndarray:
+    """(N, ...) array of the .npy payloads at `offsets` (one member per sample), never unpickled.
+
+    One header parse and one copy when every payload shares the first one's header (the fast path),
+    else np.load per member; every member must have the same shape. Non-native byte orders are
+    converted. ShardError names the shard and the member (`what`) when a payload is not a valid .npy.
+    """
     n = len(offsets)
     if n == 0:
         return np.zeros((0,), dtype=np.float32)
     o0, s0 = int(offsets[0]), int(sizes[0])
     try:
-        shape, fortran, dtype, hlen = _parse_npy_header(data[o0:o0 + min(s0, 4096)])
+        shape, fortran, dtype, hlen = parse_npy_header(data[o0:o0 + min(s0, _NPY_HEADER_MAX)])
     except Exception as e:  # noqa: BLE001 - numpy raises several types for a bad header
-        raise ShardError(f"{name}: first input is not a valid .npy ({e})") from None
+        raise ShardError(f"{name}: first {what} is not a valid .npy ({e})") from None
     if dtype.hasobject:
-        raise ShardError(f"{name}: inputs hold Python objects (dtype {dtype}); refusing to unpickle")
+        raise ShardError(f"{name}: {what}s hold Python objects (dtype {dtype}); refusing to unpickle")
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if not fortran and np.all(sizes == s0) and s0 == hlen + nbytes:
         rows = _rows(data, offsets, s0)
@@ -376,11 +418,11 @@ def _decode_inputs(data: bytes, offsets: np.ndarray, sizes: np.ndarray, name: st
         try:
             arrays.append(np.load(io.BytesIO(data[o:o + s]), allow_pickle=False))
         except Exception as e:  # noqa: BLE001
-            raise ShardError(f"{name}: input #{i} is not a valid .npy ({e})") from None
+            raise ShardError(f"{name}: {what} #{i} is not a valid .npy ({e})") from None
     first = arrays[0].shape
     for i, a in enumerate(arrays):
         if a.shape != first:
-            raise ShardError(f"{name}: input #{i} has shape {a.shape} but input #0 has {first}; "
+            raise ShardError(f"{name}: {what} #{i} has shape {a.shape} but {what} #0 has {first}; "
                              "every sample of a dataset must have the same shape")
     return np.stack(arrays)
 
@@ -390,18 +432,18 @@ def decode_shard(data: bytes, name: str = "shard") -> tuple[np.ndarray, np.ndarr
 
     x is the (N, ...) input array of an npy shard, or for a shard of encoded images a 1-D object
     array of N `bytes` (each image file's own bytes; `pipeline.transforms` decodes them)."""
-    fast = _fast_index(data)
-    if fast is not None:
-        keys, offsets, size, labels = fast
-        x = _decode_inputs(data, offsets, np.full(len(keys), size, dtype=np.int64), name)
-        y = labels.astype(np.int64) if labels is not None else np.full(len(keys), -1, dtype=np.int64)
-        return x, y, keys
+    fast = index_regular_tar(data)
+    if fast is not None and set(fast.members) == {INPUT_EXT}:
+        n = len(fast.keys)
+        offsets, size = fast.members[INPUT_EXT]
+        x = decode_npy(data, offsets, np.full(n, size, dtype=np.int64), name)
+        y = fast.labels.astype(np.int64) if fast.labels is not None else np.full(n, -1, dtype=np.int64)
+        return x, y, fast.keys
     inputs: dict[str, tuple[int, int]] = {}
     labels_at: dict[str, tuple[int, int]] = {}
     order: list[str] = []
     kinds = set()
-    for mname, off, size in _walk_plain_tar(data) or _index_tar(data, name):
-        key, ext = _split_member(mname)
+    for key, ext, off, size in tar_members(data, name):
         if ext == INPUT_EXT or ext.lower() in IMAGE_EXTS:
             if key in inputs:
                 raise ShardError(f"{name}: key {key} appears twice")
@@ -424,7 +466,7 @@ def decode_shard(data: bytes, name: str = "shard") -> tuple[np.ndarray, np.ndarr
     else:
         offsets = np.array([inputs[k][0] for k in order], dtype=np.int64)
         sizes = np.array([inputs[k][1] for k in order], dtype=np.int64)
-        x = _decode_inputs(data, offsets, sizes, name)
+        x = decode_npy(data, offsets, sizes, name)
     y = np.full(len(order), -1, dtype=np.int64)
     if labels_at:
         if len(labels_at) != len(order):
