@@ -12,7 +12,8 @@ log-probabilities at T = 1 (the generalist + specialist ensemble, section 5.4). 
 log p = z - logsumexp(z) differs from z by a per-row constant, and softmax((z - c) / T) ==
 softmax(z / T). Caching logits/log-probs (never probabilities at one T) keeps T a training-time choice.
 
-`kd_loss` is the one production loss. It is fused: one autograd node whose forward computes the loss
+`kd_loss` is the one KD loss; production reaches it through `pipeline.stages.student.make_loss`, which
+builds the per-batch loss_fn(logits, batch) of the student and of every tuning trial. It is fused: one autograd node whose forward computes the loss
 *and* its gradient with respect to the student logits in a handful of whole-batch kernels, so the
 backward pass is one multiply:
 
@@ -32,13 +33,12 @@ Plain torch; no Ray. The math runs in float32 (float64 for float64 students) wha
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["kd_loss", "KDLoss", "cross_entropy_loss", "make_kd_batch_loss"]
+__all__ = ["kd_loss", "cross_entropy_loss"]
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -147,57 +147,10 @@ def kd_loss(
     return _kd(student_logits, teacher, labels, T, alpha)
 
 
-class KDLoss(nn.Module):
-    """`kd_loss` with T and alpha fixed; forward(student (B, C), teacher (B, C), labels (B,) | None)."""
-
-    def __init__(self, T: float, alpha: float):
-        super().__init__()
-        _check_t_alpha(float(T), float(alpha))
-        self.T = float(T)
-        self.alpha = float(alpha)
-
-    def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher, labels, self.T, self.alpha)
-
-    def extra_repr(self) -> str:
-        return f"T={self.T}, alpha={self.alpha}"
-
-
 # --------------------------------------------------------------------------------------------------
-# Batch losses for `pipeline.training.train_one_epoch`: loss_fn(model_output, batch_dict) -> scalar.
+# Batch losses: loss_fn(model_output, batch_dict) -> scalar.
 
 
 def cross_entropy_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Hard-label training (teacher, specialists, baseline student): CE against batch["y"] (B,)."""
     return F.cross_entropy(logits, batch["y"].long())
-
-
-def make_kd_batch_loss(
-    T: float,
-    alpha: float,
-    teacher_key: str = "teacher",
-    topk_keys: Optional[tuple[str, str, str]] = None,
-    num_classes: Optional[int] = None,
-) -> Callable[[torch.Tensor, dict], torch.Tensor]:
-    """A loss_fn(logits, batch) reading the teacher targets from the batch dict.
-
-    Dense targets: batch[teacher_key] (B, C). Top-k targets: topk_keys = (idx_key, val_key, tail_key)
-    naming the cache's (B, k) indices, (B, k) log-probabilities and (B,) log tail mass, plus
-    num_classes; they are densified per batch by `pipeline.cache.topk_to_dense`. Labels are
-    batch["y"] when present, else the transfer set is treated as unlabelled (soft term only).
-    """
-    _check_t_alpha(float(T), float(alpha))
-    if topk_keys is not None and num_classes is None:
-        raise ValueError("top-k targets need num_classes")
-
-    def loss_fn(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        labels = batch.get("y")
-        if topk_keys is not None:
-            from pipeline.cache import topk_to_dense
-
-            i, v, t = (batch[k] for k in topk_keys)
-            return kd_loss(logits, topk_to_dense(i, v, t, num_classes), labels, T, alpha, teacher_is_log_probs=True)
-        return kd_loss(logits, batch[teacher_key], labels, T, alpha)
-
-    return loss_fn

@@ -1,4 +1,7 @@
-"""KD losses against an independent float64 numpy reference, and the paper's gradient properties."""
+"""KD losses against an independent float64 numpy reference, and the paper's gradient properties.
+
+`kd_loss` is tested directly and through `pipeline.stages.student.make_loss`, the loss_fn the student
+and every tuning trial train with."""
 import math
 
 import numpy as np
@@ -7,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import topk_to_dense
-from pipeline.losses import KDLoss, _log_softmax, cross_entropy_loss, kd_loss, make_kd_batch_loss
+from pipeline.losses import _log_softmax, cross_entropy_loss, kd_loss
 
 
 def _softmax(z):
@@ -44,7 +47,7 @@ def logits():
 @pytest.mark.parametrize("T,alpha", [(1.0, 0.5), (2.5, 0.9), (20.0, 0.3), (4.0, 1.0), (0.5, 0.7)])
 def test_matches_float64_reference(logits, T, alpha):
     zs, zt, y = logits
-    got = KDLoss(T, alpha)(zs, zt, y)
+    got = kd_loss(zs, zt, y, T, alpha)
     want = _reference(zs.numpy(), zt.numpy(), y.numpy(), T, alpha)
     assert got.dim() == 0
     assert got.item() == pytest.approx(want, rel=1e-5)
@@ -197,21 +200,47 @@ def test_topk_without_tail_mass_is_finite():
     assert torch.isfinite(loss) and torch.isfinite(zs.grad).all()
 
 
-def test_batch_loss_helpers(logits):
+def test_production_batch_losses_are_kd_loss_on_the_batch(logits):
+    """`student.make_loss` (what the student and tuning trials train with) is `kd_loss` on the
+    batch's cached targets: dense, top-k densified by `topk_to_dense`, and unlabelled (y = -1)."""
+    from pipeline.stages.student import make_loss
+
     zs, zt, y = logits
     assert cross_entropy_loss(zs, {"y": y}).item() == pytest.approx(F.cross_entropy(zs, y).item())
-    fn = make_kd_batch_loss(5.0, 0.4)
-    assert fn(zs, {"y": y, "teacher": zt}).item() == pytest.approx(kd_loss(zs, zt, y, 5.0, 0.4).item())
-    assert fn(zs, {"teacher": zt}).item() == pytest.approx(kd_loss(zs, zt, None, 5.0, 0.4).item())
+    assert make_loss("hard")(zs, {"y": y}).item() == pytest.approx(F.cross_entropy(zs, y).item())
+    cached = make_loss("cached", 5.0, 0.4, 5)
+    assert cached(zs, {"y": y, "teacher": zt}).item() == pytest.approx(kd_loss(zs, zt, y, 5.0, 0.4).item())
+    unlabelled = make_loss("cached", 5.0, 0.4, 5)  # decides on its first batch whether labels exist
+    got = unlabelled(zs, {"y": torch.full_like(y, -1), "teacher": zt})
+    assert got.item() == pytest.approx(kd_loss(zs, zt, None, 5.0, 0.4).item())
     logp = F.log_softmax(zt, -1)
     top = torch.topk(logp, 2, dim=1)
     tail = torch.logsumexp(logp.scatter(1, top.indices, float("-inf")), 1)
-    fk = make_kd_batch_loss(5.0, 0.4, topk_keys=("ti", "tv", "tt"), num_classes=5)
-    got = fk(zs, {"y": y, "ti": top.indices, "tv": top.values, "tt": tail})
-    want = kd_loss(zs, topk_to_dense(top.indices, top.values, tail, 5), y, 5.0, 0.4)
-    assert got.item() == pytest.approx(want.item())
-    with pytest.raises(ValueError, match="num_classes"):
-        make_kd_batch_loss(5.0, 0.4, topk_keys=("ti", "tv", "tt"))
+    batch = {"y": y, "teacher_topk_idx": top.indices.short(), "teacher_topk_val": top.values.half(),
+             "teacher_tail": tail}
+    want = kd_loss(zs, topk_to_dense(top.indices, top.values.half(), tail, 5), y, 5.0, 0.4)
+    assert make_loss("cached", 5.0, 0.4, 5)(zs, batch).item() == pytest.approx(want.item())
+    assert want.item() != pytest.approx(kd_loss(zs, zt, y, 5.0, 0.4).item(), rel=1e-3)  # top-2 of 5 loses mass shape
+
+
+def test_topk_to_dense_is_the_same_on_numpy_and_torch_and_keeps_the_stored_tail():
+    """One densifier for numpy and torch inputs: the k stored log-probabilities where they belong,
+    log(tail / (C - k)) everywhere else, so the dense row's mass is the stored mass."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(scale=2, size=(9, 7))
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    idx = np.argsort(-logp, axis=1)[:, :3]
+    val = np.take_along_axis(logp, idx, 1).astype(np.float32)
+    tail = np.log(1.0 - np.exp(val.astype(np.float64)).sum(1)).astype(np.float32)
+    dn = topk_to_dense(idx.astype(np.int16), val, tail, 7)
+    dt = topk_to_dense(torch.from_numpy(idx.astype(np.int16)), torch.from_numpy(val), torch.from_numpy(tail), 7)
+    assert isinstance(dn, np.ndarray) and isinstance(dt, torch.Tensor) and dn.dtype == np.float32
+    np.testing.assert_allclose(dt.numpy(), dn, atol=1e-6)
+    np.testing.assert_array_equal(np.take_along_axis(dn, idx, 1), val)
+    outside = np.ones_like(dn, dtype=bool)
+    np.put_along_axis(outside, idx, False, 1)
+    np.testing.assert_allclose(dn[outside].reshape(9, 4), np.repeat(tail[:, None] - np.log(4), 4, 1), rtol=1e-6)
+    np.testing.assert_allclose(np.exp(dn).sum(1), 1.0, atol=1e-5)
 
 
 def test_bad_arguments_are_rejected(logits):
