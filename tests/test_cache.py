@@ -20,7 +20,7 @@ import torch
 from pipeline import cache, datasets, storage
 from pipeline.cache import parquet as cache_parquet
 from pipeline.cache import webdataset as cache_webdataset
-from pipeline.data import shards
+from pipeline.data import shards, tario
 from pipeline.errors import UserError
 from pipeline.stages import targets
 
@@ -151,9 +151,9 @@ def test_array_built_tar_equals_tarfile_and_reads_back(tmp_path, monkeypatch, to
     monkeypatch.undo()
     fast_bytes = (tmp_path / "fast.tar").read_bytes()
     assert fast_bytes == (tmp_path / "slow.tar").read_bytes()
-    assert (shards.index_regular_tar(fast_bytes) is not None) == (labels != "partial")
+    assert (tario.index_regular_tar(fast_bytes) is not None) == (labels != "partial")
     got = cache.read_webdataset(fast_bytes)
-    monkeypatch.setattr(shards, "index_regular_tar", lambda data: None)
+    monkeypatch.setattr(tario, "index_regular_tar", lambda data: None)
     ref = cache.read_webdataset(fast_bytes)
     assert set(got) == set(ref)
     for k in ref:
@@ -165,7 +165,7 @@ def test_array_built_tar_equals_tarfile_and_reads_back(tmp_path, monkeypatch, to
     bad = bytearray(fast_bytes)
     bad[member.offset + 120] ^= 0x01  # the gid field: only the checksum can tell
     monkeypatch.undo()
-    assert shards.index_regular_tar(bytes(bad)) is None
+    assert tario.index_regular_tar(bytes(bad)) is None
 
 
 def test_parquet_schema_is_fixed_width(tmp_path):

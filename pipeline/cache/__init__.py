@@ -9,7 +9,7 @@ it; the Ray Data job that fills a cache is `pipeline.stages.targets`, the datase
     fingerprints.py  the hashes a cache's contents depend on (teacher, combination, shard)
     formats.py       the one format registry, the `CacheFormat` interface, `write_cache_shard`
     parquet.py       the Parquet format (targets only; joined with the input shard when read)
-    webdataset.py    the WebDataset format (self-contained tars; tar reading is `pipeline.data.shards`)
+    webdataset.py    the WebDataset format (self-contained tars; tar reading is `pipeline.data.tario`)
     manifest.py      the folder layout, `manifest.json` and the `_parts/` entries
     regen.py         the regeneration plan (kept / stale / missing / damaged) and orphan files
     verify.py        `verify_cache`, the full check behind `distill targets verify`

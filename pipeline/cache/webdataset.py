@@ -2,7 +2,7 @@
 
 Belongs here: writing one cache tar (with array operations when the shard is regular), decoding it
 back to numpy arrays, and `WebDatasetFormat`, its entry in the format registry (`formats.py`).
-Reading the tar itself (headers, members, .npy payloads) is `pipeline.data.shards`' one reader.
+Reading the tar itself (headers, members, .npy payloads) is `pipeline.data.tario`, the one tar reader.
 
 Per sample: ``KEY.cls`` (label; absent when unlabelled), ``KEY.input.npy`` (the dataset's stored
 input) and ONE member for all its targets, ``KEY.targets.npy``: a 0-d .npy of a packed
@@ -23,8 +23,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pipeline.cache.layout import Layout, labels_or_none
-from pipeline.data import shards
-from pipeline.data.shards import LABEL_EXT, MAX_LABEL_CHARS
+from pipeline.data import tario
+from pipeline.data.tario import LABEL_EXT, MAX_LABEL_CHARS
 from pipeline.tarfast import BLOCK as _BLOCK, headers as _tar_headers, npy_header as _npy_header, padded as _padded
 
 
@@ -128,10 +128,10 @@ def read_webdataset(source: Any, name: str = "cache shard") -> dict[str, np.ndar
 
     Returns {"keys", "labels" (-1: none), "inputs" (if stored), field: (N, ...)} in the tar's order.
     A regular tar (what `write_webdataset` writes with labels on every sample or none) is indexed
-    with array operations (`shards.index_regular_tar`); anything else member by member
-    (`shards.tar_members`), where a sample may lack its `.cls`. Each member's .npy payloads are
-    decoded together (`shards.decode_npy`), never with pickle; members that are not .npy are
-    ignored, as WebDataset would. Raises `shards.ShardError` (or ValueError) on a damaged tar.
+    with array operations (`tario.index_regular_tar`); anything else member by member
+    (`tario.tar_members`), where a sample may lack its `.cls`. Each member's .npy payloads are
+    decoded together (`tario.decode_npy`), never with pickle; members that are not .npy are
+    ignored, as WebDataset would. Raises `tario.ShardError` (or ValueError) on a damaged tar.
     """
     if isinstance(source, str):
         with open(source, "rb") as f:
@@ -139,20 +139,20 @@ def read_webdataset(source: Any, name: str = "cache shard") -> dict[str, np.ndar
     elif not isinstance(source, (bytes, bytearray, memoryview)):
         source = source.read()
     data = bytes(source)
-    fast = shards.index_regular_tar(data)
+    fast = tario.index_regular_tar(data)
     if fast is not None and all(ext.endswith(".npy") for ext in fast.members):
         n = len(fast.keys)
         labels = fast.labels.astype(np.int64) if fast.labels is not None else np.full(n, -1, dtype=np.int64)
         out: dict[str, np.ndarray] = {"keys": np.array(fast.keys, dtype=object), "labels": labels}
         for ext, (offsets, size) in fast.members.items():
-            arr = shards.decode_npy(data, offsets, np.full(n, size, dtype=np.int64), name, f".{ext} member")
+            arr = tario.decode_npy(data, offsets, np.full(n, size, dtype=np.int64), name, f".{ext} member")
             _put_member(out, ext[:-4], arr)
         return out
     keys: list[str] = []
     index: dict[str, int] = {}
     label_of: dict[int, int] = {}
     at: dict[str, dict[int, tuple[int, int]]] = {}  # extension -> sample -> (offset, size)
-    for key, ext, off, size in shards.tar_members(data, name):
+    for key, ext, off, size in tario.tar_members(data, name):
         i = index.get(key)
         if i is None:
             i = index[key] = len(keys)
@@ -173,7 +173,7 @@ def read_webdataset(source: Any, name: str = "cache shard") -> dict[str, np.ndar
             raise ValueError(f"{name}: member .{ext} present for {len(where)} of {n} samples")
         offsets = np.array([where[i][0] for i in range(n)], dtype=np.int64)
         sizes = np.array([where[i][1] for i in range(n)], dtype=np.int64)
-        _put_member(out, ext[:-4], shards.decode_npy(data, offsets, sizes, name, f".{ext} member"))
+        _put_member(out, ext[:-4], tario.decode_npy(data, offsets, sizes, name, f".{ext} member"))
     return out
 
 
