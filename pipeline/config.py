@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
+from pipeline.cache.formats import FORMAT_SETTINGS  # the one format list (parquet, webdataset) + "both"
 from pipeline.errors import UserError
 
 FORMATS = ("idx", "cifar", "npz", "folder", "digits", "synthetic")
@@ -269,7 +270,7 @@ class SpecialistsConfig(TrainConfig):
 
 
 class TargetsConfig(_Section):
-    format: Literal["parquet", "webdataset", "both"] = Field("parquet", description="Cache file format(s).")
+    format: Literal[FORMAT_SETTINGS] = Field("parquet", description="Cache file format(s) (`pipeline.cache.REGISTRY`).")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of logits/log-probs.")
     top_k: Optional[Int] = Field(None, ge=1, description="Store only the top-k (plus tail mass); unset: dense.")
     batch_size: Int = Field(1024, ge=1, description="Inference batch size.")
