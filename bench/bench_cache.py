@@ -1,4 +1,4 @@
-"""What writing the soft-target cache costs, as a ratio to the teacher's plain inference (DESIGN.md).
+"""What writing the soft-target cache costs, as a ratio to the teacher's plain inference (docs/performance.md).
 
 Measured in one process on the same data (these machines are noisy: only ratios mean much):
 
@@ -72,7 +72,7 @@ def build_run(root: str, samples: int, shard_size: int, dim: int, classes: int, 
               hidden: list[int]) -> Config:
     from pipeline.data.ingest import ingest
     from pipeline.models import build_model, replace_head, save_checkpoint
-    from pipeline.specialist_training import spec_dirname
+    from pipeline.layout import spec_dirname
 
     cpus = os.cpu_count() or 1
     cfg = Config.model_validate({

@@ -37,7 +37,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import cache, models, runner, training  # noqa: E402
+from pipeline import cache, layout, models, runner, training  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.stages import student  # noqa: E402
 
@@ -48,7 +48,7 @@ UPSTREAM = ("data", "teacher", "cluster", "specialists", "targets")
 
 def ensure_run(cfg) -> None:
     """Run the stages before `tune`/`student` that are not up to date (skipped when they are)."""
-    if runner.read_marker(cfg, "targets") is None:
+    if layout.read_marker(cfg, "targets") is None:
         print(f"[bench_student] no finished cache in {cfg.stage_uri('targets')}: running stages {list(UPSTREAM)} "
               f"of {cfg.output_dir} first (finished ones are skipped)", file=sys.stderr, flush=True)
         runner.run_pipeline(cfg, only=list(UPSTREAM))

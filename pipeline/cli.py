@@ -1,7 +1,7 @@
 """The `distill` command: a thin argparse front over the stage functions.
 
 Each sub-command maps to one function; heavy imports (torch, ray) happen inside them so that
-`distill config show` and bad-usage errors answer instantly. Exit codes (DESIGN.md): 0 success,
+`distill config show` and bad-usage errors answer instantly. Exit codes (docs/contracts.md): 0 success,
 2 bad usage or invalid config/input (one paragraph naming the key or file, no traceback), 1 a failure
 while running.
 """
@@ -13,8 +13,7 @@ import sys
 from typing import Callable
 
 from pipeline.errors import UserError
-
-STAGES = ("data", "teacher", "cluster", "specialists", "targets", "student", "tune", "report")
+from pipeline.layout import STAGES
 
 
 class _Parser(argparse.ArgumentParser):

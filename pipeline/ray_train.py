@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import sys
 import tempfile

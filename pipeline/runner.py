@@ -28,32 +28,9 @@ from typing import Iterable, Iterator, Optional
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.layout import (LOCK, REPORT_FILE, RESUME_STATE, STAGES, SUMMARY_FILE, marker_uri, read_marker, run_file,
+                             write_marker)
 from pipeline.log import log
-
-# tune runs before student: it searches T/alpha on the cache, and the final student uses its best.
-EXEC_ORDER = ("data", "teacher", "cluster", "specialists", "targets", "tune", "student", "report")
-MARKER = "_stage.json"
-# Held by the process running stages into an output_dir (see `output_lock`).
-LOCK = ".distill-lock.json"
-
-
-def marker_uri(cfg: Config, stage: str) -> str:
-    return storage.join(cfg.stage_uri(stage), MARKER)
-
-
-def read_marker(cfg: Config, stage: str) -> Optional[dict]:
-    uri = marker_uri(cfg, stage)
-    try:
-        return storage.read_json(uri)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def marker_fingerprint(cfg: Config, stage: str) -> Optional[str]:
-    """The fingerprint a finished stage recorded (None if it has not finished)."""
-    m = read_marker(cfg, stage)
-    return m.get("fingerprint") if m else None
-
 
 def stage_module(stage: str):
     return importlib.import_module(f"pipeline.stages.{stage}")
@@ -78,21 +55,14 @@ def run_stage(cfg: Config, stage: str, force: bool = False) -> dict:
     takes_force = "force" in inspect.signature(mod.run).parameters
     result = (mod.run(cfg, force=force) if takes_force else mod.run(cfg)) or {}
     seconds = time.perf_counter() - t0
-    storage.write_json_atomic(
-        marker_uri(cfg, stage),
-        {"stage": stage, "fingerprint": fp, "seconds": round(seconds, 3),
-         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-    )
+    write_marker(cfg, stage, fp, seconds)
     log(f"stage {stage}: done in {seconds:.1f}s")
     return {"skipped": False, "seconds": seconds, **result}
 
 
-# What a stage resumes from when rerun: Ray Train runs (teacher, student) and Tune experiments
-# (specialists, tune) under `{stage}/ray`. `--force` must retrain, not resume a finished run
-# ("run already complete"), so it removes them first.
-RESUME_STATE = {"teacher": ("ray",), "student": ("ray",), "tune": ("ray",), "specialists": ("ray",)}
-
-
+# What a stage resumes from when rerun (layout.RESUME_STATE): Ray Train runs (teacher, student) and
+# Tune experiments (specialists, tune) under `{stage}/ray`. `--force` must retrain, not resume a
+# finished run ("run already complete"), so it removes them first.
 def clear_resume_state(cfg: Config, stage: str) -> None:
     """For `--force`: drop the stage's marker (an interrupted forced run is then not "up to date")
     and the Ray Train/Tune state it would resume from. Only folders this project writes."""
@@ -105,7 +75,7 @@ def clear_resume_state(cfg: Config, stage: str) -> None:
 
 
 def run_pipeline(cfg: Config, only: Optional[Iterable[str]] = None, force: bool = False) -> dict:
-    stages = list(only) if only else [s for s in EXEC_ORDER if s != "tune" or cfg.tune.enabled]
+    stages = list(only) if only else [s for s in STAGES if s != "tune" or cfg.tune.enabled]
     results = {}
     t0 = time.perf_counter()
     with output_lock(cfg.output_dir):
@@ -118,7 +88,7 @@ def run_pipeline(cfg: Config, only: Optional[Iterable[str]] = None, force: bool 
             results[stage] = run_stage(cfg, stage, force=force)
     if not only or "report" in stages:
         print_headline(cfg)
-        log(f"finished in {time.perf_counter() - t0:.1f}s; report at {storage.join(cfg.output_dir, 'report.md')}")
+        log(f"finished in {time.perf_counter() - t0:.1f}s; report at {run_file(cfg, REPORT_FILE)}")
     return results
 
 
@@ -127,7 +97,7 @@ def print_headline(cfg: Config) -> None:
     from pipeline.stages.report import headline_table
 
     try:
-        summary = storage.read_json(storage.join(cfg.output_dir, "summary.json"))
+        summary = storage.read_json(run_file(cfg, SUMMARY_FILE))
     except (FileNotFoundError, ValueError):
         return
     print(headline_table(summary), flush=True)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.layout import METRICS_FILE, RESUME_DIR
 from pipeline.models import (
     count_params,
     load_checkpoint,
@@ -39,7 +40,7 @@ from pipeline.models import (
     replace_head,
     save_checkpoint,
 )
-from pipeline.training import TrainState, predict_logits, prepare_inputs, run_epochs
+from pipeline.training import TrainState, prepare_inputs, run_epochs
 from specialists.dustbin import (
     DustbinMapper,
     dustbin_correction,
@@ -47,16 +48,10 @@ from specialists.dustbin import (
     half_subset_stream,
 )
 
-RESUME_DIR = "_resume"
-METRICS_FILE = "metrics.json"
 
 # TrainConfig keys that change what a specialist learns (resources and combination settings do not).
 TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
               "schedule", "max_norm", "jitter", "patience")
-
-
-def spec_dirname(m: int) -> str:
-    return f"spec_{int(m):03d}"
 
 
 def is_complete(out_uri: str, fingerprint: str) -> bool:
@@ -307,10 +302,3 @@ def train_specialist(
     })
     storage.remove(resume_uri, recursive=True)
     return metrics
-
-
-def corrected_logits(model: torch.nn.Module, meta: dict, x: Any, batch_size: int = 1024, device: Any = "cpu") -> torch.Tensor:
-    """(N, |S| + 1) logits of a saved specialist with its dustbin correction added (inference view)."""
-    z = predict_logits(model, x, batch_size, device)
-    z[:, -1] += float(meta["extra"]["dustbin_correction"])
-    return z

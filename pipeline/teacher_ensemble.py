@@ -23,45 +23,21 @@ import numpy as np
 from pipeline import storage
 from pipeline.cache import teacher_fingerprints
 from pipeline.errors import UserError
+from pipeline.layout import META_FILE, read_json_required, read_subsets, spec_dirname
 
-# Run-directory names (the cluster and specialists stages write them). They
-# are read here without importing those stages, which import torch: planning a regeneration (and
-# finding that nothing changed) needs only JSON, never the weights.
-SUBSETS_FILE = "specialists.json"
-META_FILE = "model.json"
-
-
-def spec_dirname(m: int) -> str:
-    return f"spec_{int(m):03d}"
-
-
-def _read_json(uri: str, missing: str, rerun: str) -> Any:
-    """JSON at `uri`; UserError "{uri}: {missing}" when absent, or naming `rerun` when unparsable."""
-    try:
-        return storage.read_json(uri)
-    except FileNotFoundError:
-        raise UserError(f"{uri}: {missing}") from None
-    except ValueError as e:
-        raise UserError(f"{uri}: not valid JSON ({e}); re-run {rerun}") from None
+# Run-directory names come from `pipeline.layout`, read here without importing the cluster and
+# specialists stages (which import torch): planning a regeneration (and finding that nothing
+# changed) needs only JSON, never the weights.
 
 
 def read_meta(dir_uri: str) -> dict:
     """A checkpoint's model.json (its format is checked when the weights are loaded)."""
     uri = storage.join(dir_uri, META_FILE)
-    meta = _read_json(uri, "no checkpoint here; run the stage that writes it first (or fix the path)",
+    meta = read_json_required(uri, "no checkpoint here; run the stage that writes it first (or fix the path)",
                       "the stage that wrote it")
     if not isinstance(meta, dict) or not {"sha256", "num_classes", "num_outputs"} <= set(meta):
         raise UserError(f"{uri}: not a checkpoint description (sha256, num_classes, num_outputs); re-run its stage")
     return meta
-
-
-def read_subsets(cluster_uri: str) -> list[list[int]]:
-    uri = storage.join(cluster_uri, SUBSETS_FILE)
-    doc = _read_json(uri, "no class subsets yet; run `distill stage cluster CONFIG` first", "the cluster stage")
-    subsets = doc.get("subsets") if isinstance(doc, dict) else None
-    if not isinstance(subsets, list) or not all(isinstance(s, list) and s for s in subsets):
-        raise UserError(f"{uri}: 'subsets' must be a list of non-empty lists of class indices; re-run the cluster stage")
-    return [[int(c) for c in s] for s in subsets]
 
 
 @dataclass

@@ -16,10 +16,10 @@ from pipeline import storage
 from pipeline.config import Config, load_config
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import load_split, read_manifest
-from pipeline.losses import cross_entropy_loss
 from pipeline.models import build_model, save_checkpoint
-from pipeline.runner import marker_uri
-from pipeline.training import evaluate, iterate_minibatches, make_optimizer, make_scheduler, train_one_epoch
+from pipeline.layout import marker_uri
+
+from _reference import plain_error, plain_fit
 
 
 @contextlib.contextmanager
@@ -70,13 +70,8 @@ def _train_generalist(cfg: Config, epochs: int, hidden, lr: float, seed: int, dr
     xt, yt, _ = load_split(data_uri, "test")
     spec = {"arch": "mlp", "hidden": list(hidden), "dropout": dropout}
     model = build_model(spec, manifest["input_shape"], manifest["num_classes"])
-    train_cfg = {"optimizer": "adam", "lr": lr, "schedule": "cosine"}
-    opt = make_optimizer(model, train_cfg)
-    bs = 128
-    sched = make_scheduler(opt, train_cfg, -(-len(x) // bs), epochs)
-    for ep in range(epochs):
-        train_one_epoch(model, iterate_minibatches(x, y, bs, True, seed, ep), opt, cross_entropy_loss, sched)
-    res = evaluate(model, xt, yt)
+    plain_fit(model, x, y, epochs=epochs, batch_size=128, lr=lr, seed=seed)
+    res = plain_error(model, xt, yt)
     meta = save_checkpoint(cfg.stage_uri("teacher"), model, spec, manifest["input_shape"], manifest["num_classes"])
     storage.write_json_atomic(storage.join(cfg.stage_uri("teacher"), "metrics.json"), {**res, "params": meta["params"]})
     storage.write_json_atomic(marker_uri(cfg, "teacher"),

@@ -15,8 +15,8 @@ import torch
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.models import load_checkpoint, replace_head, save_checkpoint
-from pipeline.runner import marker_uri
-from pipeline.specialist_training import spec_dirname
+from pipeline.layout import marker_uri
+from pipeline.layout import spec_dirname
 
 from _specialists_helpers import ingest_synthetic, make_config, train_generalist
 

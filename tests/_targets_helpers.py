@@ -68,7 +68,7 @@ def replace_shard(uri: str, split: str, index: int, seed: int) -> None:
 def write_teacher(cfg: Config, seed: int = 0, subsets: Optional[list[list[int]]] = None, hidden=(16,)) -> None:
     """Generalist + specialists checkpoints and cluster/specialists.json for `cfg`'s run directory."""
     from pipeline.models import build_model, replace_head, save_checkpoint
-    from pipeline.specialist_training import spec_dirname
+    from pipeline.layout import spec_dirname
 
     subsets = SUBSETS if subsets is None else subsets
     spec = {"arch": "mlp", "hidden": list(hidden)}

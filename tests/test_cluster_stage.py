@@ -68,7 +68,7 @@ def test_cluster_stage_finds_the_true_groups_and_writes_its_files(run_dir, tmp_p
     # The streamed count equals the generalist scored on val in memory, and beats chance (11/12).
     from pipeline.data.shards import load_split
     from pipeline.models import load_checkpoint
-    from pipeline.training import evaluate
+    from _reference import plain_error as evaluate
 
     x_val, y_val, _ = load_split(os.path.join(root, "data"), "val")
     want = evaluate(load_checkpoint(os.path.join(root, "teacher"))[0], x_val, y_val)

@@ -21,7 +21,7 @@ def test_configs_folder_has_the_runnable_configs():
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    # The keys scripts rely on (DESIGN.md) are present and typed.
+    # The keys scripts rely on (docs/contracts.md) are present and typed.
     assert cfg.data.format in ("idx", "cifar", "npz", "folder", "digits", "synthetic")
     assert cfg.teacher.epochs >= 1 and cfg.specialists.epochs >= 1 and cfg.student.epochs >= 1
     assert cfg.cluster.num_specialists >= 1 and cfg.tune.num_samples >= 1

@@ -18,7 +18,8 @@ from _data_helpers import (FASHION_DIR, HAVE_FASHION, make_cifar10_tarball, make
                            make_idx_dir, make_image_folder, run_cli)
 from pipeline import storage
 from pipeline.config import SyntheticConfig, load_config
-from pipeline.data.ingest import ingest, make_synthetic, stratified_split
+from pipeline.data.ingest import ingest, stratified_split
+from pipeline.data.synthetic import make_synthetic
 from pipeline.data.shards import load_split, read_manifest, verify_dataset
 from pipeline.errors import UserError
 
@@ -527,7 +528,7 @@ def test_synthetic_data_do_not_depend_on_the_shard_size(tmp_path):
 
 
 def test_synthetic_generator_streams_what_make_synthetic_returns():
-    from pipeline.data.ingest import SYNTHETIC_BLOCK, SyntheticGenerator
+    from pipeline.data.synthetic import SYNTHETIC_BLOCK, SyntheticGenerator
 
     cfg = SyntheticConfig(train=2 * SYNTHETIC_BLOCK + 10, test=20, dim=8)
     gen = SyntheticGenerator(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.ingest import load_idx
+from pipeline.data.sources import load_idx
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mnist5k_to_idx.py"
 

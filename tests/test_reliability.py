@@ -24,7 +24,7 @@ import pytest
 
 from _data_helpers import run_cli
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
-from pipeline import runner, storage
+from pipeline import layout, runner, storage
 from pipeline.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,11 +128,11 @@ def test_a_second_run_on_one_output_dir_is_refused_naming_the_holder(where, tmp_
     cfg = _yaml(tmp_path, "{}\n")
     holder = _hold_lock(out)
     try:
-        lock = json.loads(storage.read_bytes(storage.join(out, runner.LOCK)))
+        lock = json.loads(storage.read_bytes(storage.join(out, layout.LOCK)))
         err = _expect_2(capsys, ["stage", "data", cfg, f"output_dir={out}", *TINY_DATA],
                         f"output_dir {out} is in use by another distill run",
                         f"host {socket.gethostname()}, pid {holder.pid}, started {lock['started_at']}")
-        assert "delete " + storage.join(out, runner.LOCK) in err
+        assert "delete " + storage.join(out, layout.LOCK) in err
         assert not storage.exists(storage.join(out, "data"))  # nothing of the second run was written
         _expect_2(capsys, ["targets", "regen", cfg, f"output_dir={out}"], "is in use by another distill run")
     finally:
@@ -143,7 +143,7 @@ def test_a_second_run_on_one_output_dir_is_refused_naming_the_holder(where, tmp_
     code, _, err = run_cli(["stage", "data", cfg, f"output_dir={out}", *TINY_DATA], capsys)
     assert code == 0, err
     assert f"taking over the lock of a run that is gone (host {socket.gethostname()}, pid {holder.pid}" in err
-    assert not storage.exists(storage.join(out, runner.LOCK))
+    assert not storage.exists(storage.join(out, layout.LOCK))
 
 
 def _other_host_lock(out, age_s: float) -> None:
@@ -151,7 +151,7 @@ def _other_host_lock(out, age_s: float) -> None:
 
     beat = (datetime.now(timezone.utc) - timedelta(seconds=age_s)).isoformat(timespec="seconds")
     out.mkdir(exist_ok=True)
-    (out / runner.LOCK).write_text(json.dumps({"host": "elsewhere-node", "pid": 1, "token": "t",
+    (out / layout.LOCK).write_text(json.dumps({"host": "elsewhere-node", "pid": 1, "token": "t",
                                                "started_at": "2026-01-01T00:00:00+00:00", "heartbeat_at": beat}))
 
 
@@ -161,22 +161,22 @@ def test_a_lock_of_another_host_is_taken_over_only_when_its_heartbeat_stopped(tm
     _other_host_lock(out, age_s=30)  # renewed 30 s ago: that run is alive
     _expect_2(capsys, ["stage", "data", cfg, f"output_dir={out}"],
               "host elsewhere-node, pid 1, started 2026-01-01T00:00:00+00:00", "taken over once its heartbeat")
-    assert json.loads((out / runner.LOCK).read_text())["host"] == "elsewhere-node"
+    assert json.loads((out / layout.LOCK).read_text())["host"] == "elsewhere-node"
     _other_host_lock(out, age_s=runner.LOCK_STALE_S + 60)  # a killed job driver, a replaced head pod
     code, _, err = run_cli(["stage", "data", cfg, f"output_dir={out}", *TINY_DATA], capsys)
     assert code == 0 and "taking over the lock of a run that is gone (host elsewhere-node" in err, err
-    assert not (out / runner.LOCK).exists()
+    assert not (out / layout.LOCK).exists()
 
 
 def test_the_lock_heartbeat_is_renewed_while_a_run_lasts(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "LOCK_HEARTBEAT_S", 0.2)
     out = str(tmp_path / "run")
     with runner.output_lock(out) as me:
-        first = json.loads(storage.read_bytes(storage.join(out, runner.LOCK)))["heartbeat_at"]
+        first = json.loads(storage.read_bytes(storage.join(out, layout.LOCK)))["heartbeat_at"]
         time.sleep(1.6)
-        now = json.loads(storage.read_bytes(storage.join(out, runner.LOCK)))
+        now = json.loads(storage.read_bytes(storage.join(out, layout.LOCK)))
         assert now["token"] == me["token"] and now["heartbeat_at"] > first
-    assert not storage.exists(storage.join(out, runner.LOCK))
+    assert not storage.exists(storage.join(out, layout.LOCK))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,6 +573,6 @@ teacher: {{model: {{arch: mlp, hidden: [32]}}, epochs: 2, batch_size: 64, num_wo
     weights = os.path.join(run, latest, "model.pt")
     data = open(weights, "rb").read()
     open(weights, "wb").write(data[: len(data) // 2])
-    os.remove(os.path.join(out, "teacher", runner.MARKER))
+    os.remove(os.path.join(out, "teacher", layout.MARKER))
     _expect_2(capsys, ["stage", "teacher", cfg], f"{weights}: the latest checkpoint of this stage cannot be loaded",
               f"delete {run}", "--force")

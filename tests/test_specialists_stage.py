@@ -21,7 +21,7 @@ from pipeline.models import load_checkpoint
 from pipeline.runner import run_stage
 from pipeline.specialist_training import is_complete, train_specialist
 from pipeline.stages import specialists as spec_stage
-from pipeline.training import evaluate
+from _reference import plain_error as evaluate
 
 SETTINGS = {
     "data.synthetic.num_classes": 8, "data.synthetic.num_groups": 2, "data.synthetic.train": 3000,

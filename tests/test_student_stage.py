@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cache, models, runner, storage
+from pipeline import cache, layout, models, runner, storage
 from pipeline.errors import UserError
 from pipeline.losses import kd_loss
 from pipeline.stages import student
@@ -100,10 +100,10 @@ def test_hyperparameters_come_from_tune_only_when_asked(tmp_path):
     assert student.hyperparameters(disabled)["T"] == 3.0
     # The student's fingerprint follows tune's marker only when tune's result is used.
     fp = student.fingerprint(cfg)
-    storage.write_json_atomic(runner.marker_uri(cfg, "tune"), {"fingerprint": "new-tune"})
+    storage.write_json_atomic(layout.marker_uri(cfg, "tune"), {"fingerprint": "new-tune"})
     assert student.fingerprint(cfg) != fp
     fp_off = student.fingerprint(off)
-    storage.write_json_atomic(runner.marker_uri(cfg, "tune"), {"fingerprint": "newer-tune"})
+    storage.write_json_atomic(layout.marker_uri(cfg, "tune"), {"fingerprint": "newer-tune"})
     assert student.fingerprint(off) == fp_off
 
 

@@ -139,7 +139,8 @@ def test_cli_json_names_a_flipped_byte_and_regen_rewrites_exactly_it(ray_local, 
 
 
 def test_stage_through_the_runner_is_skipped_when_up_to_date(ray_local, tmp_path):
-    from pipeline.runner import read_marker, run_stage
+    from pipeline.layout import read_marker
+    from pipeline.runner import run_stage
 
     cfg = make_config(str(tmp_path / "run"))
     write_dataset(cfg.stage_uri("data"), [30, 30])

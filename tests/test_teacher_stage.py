@@ -12,7 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import ray_train, runner, storage
+from pipeline import layout, ray_train, runner, storage
+
+from _reference import plain_error
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.stages import teacher
@@ -113,14 +115,13 @@ def test_teacher_stage_trains_writes_its_files_and_is_skipped_when_done(tmp_path
     model, meta = models.load_checkpoint(out)
     assert meta["params"] == m["params"] == models.count_params(model)
     assert meta["extra"]["epoch"] == m["best_epoch"]
-    from pipeline import training
 
     x, y, _ = shards.load_split(tiny_synthetic, "test")
-    assert training.evaluate(model, x, y)["test_errors"] == m["test_errors"]
+    assert plain_error(model, x, y)["test_errors"] == m["test_errors"]
     # ... and it holds the weights of the best epoch: on val it scores exactly that epoch's error,
     # although only the last epoch was checkpointed.
     xv, yv, _ = shards.load_split(tiny_synthetic, "val")
-    assert abs(training.evaluate(model, xv, yv)["test_error"] - m["best_val_error"]) < 1e-6
+    assert abs(plain_error(model, xv, yv)["test_error"] - m["best_val_error"]) < 1e-6
     # One checkpoint (the last), carrying the best weights in best/; the latest is the one Ray kept.
     run = _run_folder(cfg)
     assert os.path.exists(os.path.join(run, "checkpoint_manager_snapshot.json"))
@@ -162,7 +163,7 @@ def test_killed_worker_does_not_fail_the_stage(tmp_path, tiny_synthetic, ray_loc
     # The replacement worker group started from a checkpoint, not from scratch.
     assert len(m["starts"]) == 2 and m["starts"][0] == 0 and 0 < m["starts"][1] < epochs, m["starts"]
     assert m["test_error"] < GOOD
-    assert runner.read_marker(cfg, "teacher") is not None
+    assert layout.read_marker(cfg, "teacher") is not None
 
 
 @pytest.mark.slow
@@ -175,7 +176,7 @@ def test_interrupted_stage_resumes_at_the_next_epoch_and_a_changed_config_starts
         runner.run_stage(cfg, "teacher")
     out = cfg.stage_uri("teacher")
     assert not os.path.exists(os.path.join(out, "metrics.json"))
-    assert runner.read_marker(cfg, "teacher") is None
+    assert layout.read_marker(cfg, "teacher") is None
 
     monkeypatch.delenv(ray_train.FAULT_ENV)
     runner.run_stage(cfg, "teacher")
@@ -213,7 +214,7 @@ def test_teacher_stage_writes_to_s3(tiny_synthetic, ray_local, s3_bucket):
     entries = storage.listdir(run)
     assert "checkpoint_manager_snapshot.json" in entries
     assert any(e.startswith("checkpoint_2") for e in entries)
-    assert runner.read_marker(cfg, "teacher")["fingerprint"] == teacher.fingerprint(cfg)
+    assert layout.read_marker(cfg, "teacher")["fingerprint"] == teacher.fingerprint(cfg)
 
 
 @pytest.mark.slow

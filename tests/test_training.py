@@ -1,20 +1,15 @@
-"""The shared training loop: it learns, honours max-norm and schedules, batches reproducibly."""
+"""The one training core (`pipeline.training.run_epochs`) on in-memory streams: it learns, distils,
+honours max-norm, jitter and uint8 inputs, and its schedules, optimizers and early stopping behave."""
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.losses import cross_entropy_loss, make_kd_batch_loss
+from pipeline.losses import cross_entropy_loss, kd_loss
 from pipeline.models import build_model
-from pipeline.training import (
-    EarlyStopping,
-    evaluate,
-    iterate_minibatches,
-    make_optimizer,
-    make_scheduler,
-    predict_logits,
-    train_one_epoch,
-)
+from pipeline.training import EarlyStopping, TrainState, epoch_minibatches, make_optimizer, make_scheduler, run_epochs
+
+from _reference import plain_error
 
 
 def _blobs(n, d=10, c=4, seed=0):
@@ -26,43 +21,60 @@ def _blobs(n, d=10, c=4, seed=0):
     return x, y.astype(np.int64)
 
 
+def _chunks(arrays: dict, epochs: int, chunk: int = 100, seed: int = 0):
+    """What a Ray Data training stream delivers to a worker: per epoch a seeded order, in chunks
+    with an `epoch` column."""
+    n = len(next(iter(arrays.values())))
+    for e in range(epochs):
+        perm = np.random.default_rng([seed, e]).permutation(n)
+        for s in range(0, n, chunk):
+            idx = perm[s:s + chunk]
+            yield {**{k: torch.as_tensor(np.asarray(a)[idx]) for k, a in arrays.items()},
+                   "epoch": torch.full((len(idx),), e)}
+
+
+def _fit(model, arrays, tcfg, epochs, bs, loss_fn, **kw):
+    steps = len(next(iter(arrays.values()))) // bs
+    state = TrainState(model, tcfg, steps, epochs)
+    run_epochs(state, epoch_minibatches(_chunks(arrays, epochs), bs, steps, 0), loss_fn, **kw)
+    return state
+
+
 def test_mlp_learns_a_separable_problem_quickly():
     torch.manual_seed(0)
     x, y = _blobs(2000)
     x_train, y_train, x_test, y_test = x[:1500], y[:1500], x[1500:], y[1500:]
     model = build_model({"arch": "mlp", "hidden": [32]}, (10,), 4)
-    before = evaluate(model, x_test, y_test)["test_error"]
+    before = plain_error(model, x_test, y_test)["test_error"]
     cfg = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "schedule": "cosine"}
-    opt = make_optimizer(model, cfg)
-    epochs, bs = 3, 64
-    sched = make_scheduler(opt, cfg, steps_per_epoch=-(-1500 // bs), epochs=epochs)
-    losses = []
-    for ep in range(epochs):
-        stats = train_one_epoch(model, iterate_minibatches(x_train, y_train, bs, True, 0, ep), opt, cross_entropy_loss, sched)
-        assert stats["samples"] == 1500 and stats["steps"] == 24
-        losses.append(stats["loss"])
-    res = evaluate(model, x_test, y_test, batch_size=128)
-    assert res["n"] == 500 and res["test_errors"] == round(res["test_error"] * 500)
+    state = _fit(model, {"x": x_train, "y": y_train}, cfg, 3, 64, cross_entropy_loss)
+    hist = state.meta["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and state.meta["done"]
+    res = plain_error(model, x_test, y_test, batch_size=128)
     assert before > 0.5 and res["test_error"] < 0.05  # chance is 0.75
-    assert losses[-1] < losses[0]
-    assert stats["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at 0 after exactly epochs*steps
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at 0 after epochs*steps
 
 
 def test_kd_student_learns_teacher_function_from_logits():
-    """The same loop distils: a student fits a teacher's logits on an unlabelled transfer set."""
+    """The same loop distils: a student fits a teacher's logits on an unlabelled transfer set, with
+    the production KD loss (`losses.kd_loss`, no labels: alpha = 1)."""
     torch.manual_seed(1)
     x, y = _blobs(1200, seed=1)
     teacher = build_model({"arch": "mlp", "hidden": [32]}, (10,), 4)
-    opt = make_optimizer(teacher, {"optimizer": "adam", "lr": 1e-2})
-    for ep in range(3):
-        train_one_epoch(teacher, iterate_minibatches(x, y, 64, True, 1, ep), opt, cross_entropy_loss)
-    t_logits = predict_logits(teacher, x)
+    _fit(teacher, {"x": x, "y": y}, {"optimizer": "adam", "lr": 1e-2}, 3, 64, cross_entropy_loss)
+    teacher.eval()
+    with torch.no_grad():
+        t_logits = teacher(torch.from_numpy(x))
     student = build_model({"arch": "mlp", "hidden": [16]}, (10,), 4)
-    opt = make_optimizer(student, {"optimizer": "adam", "lr": 1e-2})
-    loss_fn = make_kd_batch_loss(T=4.0, alpha=1.0)
-    for ep in range(3):
-        train_one_epoch(student, iterate_minibatches(x, None, 64, True, 2, ep, extra={"teacher": t_logits}), opt, loss_fn)
-    agree = (predict_logits(student, x).argmax(1) == t_logits.argmax(1)).float().mean().item()
+
+    def loss_fn(out, batch):
+        return kd_loss(out, batch["teacher"], None, T=4.0, alpha=1.0)
+
+    _fit(student, {"x": x, "teacher": t_logits.numpy()}, {"optimizer": "adam", "lr": 1e-2}, 3, 64, loss_fn)
+    student.eval()
+    with torch.no_grad():
+        agree = (student(torch.from_numpy(x)).argmax(1) == t_logits.argmax(1)).float().mean().item()
     assert agree > 0.95
 
 
@@ -70,7 +82,7 @@ def test_max_norm_holds_after_every_step():
     torch.manual_seed(0)
     x, y = _blobs(256)
     model = build_model({"arch": "mlp", "hidden": [64, 64]}, (10,), 4)
-    opt = make_optimizer(model, {"optimizer": "sgd", "lr": 5.0, "momentum": 0.0})  # huge steps inflate weights
+    huge = {"optimizer": "sgd", "lr": 5.0, "momentum": 0.0, "schedule": "constant"}  # huge steps inflate weights
     seen = []
 
     def loss_fn(out, batch):
@@ -79,14 +91,13 @@ def test_max_norm_holds_after_every_step():
                 seen.append(m.weight.norm(dim=1).max().item())
         return cross_entropy_loss(out, batch)
 
-    train_one_epoch(model, iterate_minibatches(x, y, 32, True, 0, 0), opt, loss_fn, max_norm=1.5)
+    _fit(model, {"x": x, "y": y}, {**huge, "max_norm": 1.5}, 1, 32, loss_fn)
     for m in model.body.modules():
         if isinstance(m, torch.nn.Linear):
             assert m.weight.norm(dim=1).max().item() <= 1.5 + 1e-5
     assert max(seen[2:]) <= 1.5 + 1e-5  # forward passes after the first step saw constrained weights
     unconstrained = build_model({"arch": "mlp", "hidden": [64, 64]}, (10,), 4)
-    opt = make_optimizer(unconstrained, {"optimizer": "sgd", "lr": 5.0, "momentum": 0.0})
-    train_one_epoch(unconstrained, iterate_minibatches(x, y, 32, True, 0, 0), opt, cross_entropy_loss)
+    _fit(unconstrained, {"x": x, "y": y}, huge, 1, 32, cross_entropy_loss)
     assert unconstrained.body[1].weight.norm(dim=1).max().item() > 1.5  # the test can fail without max_norm
 
 
@@ -96,43 +107,25 @@ def test_jitter_and_uint8_inputs_in_the_loop():
     x = rng.integers(0, 256, size=(64, 1, 8, 8), dtype=np.uint8)
     y = rng.integers(0, 3, 64)
     model = build_model({"arch": "cnn", "channels": [4], "hidden": [8]}, (1, 8, 8), 3)
-    opt = make_optimizer(model, {"optimizer": "adam"})
     seen = []
 
     def loss_fn(out, batch):
-        seen.append(batch["x"])
+        seen.append((batch["x"], batch["y"]))
         return cross_entropy_loss(out, batch)
 
-    g = torch.Generator().manual_seed(0)
-    stats = train_one_epoch(model, iterate_minibatches(x, y, 64, False), opt, loss_fn, jitter_pixels=2, generator=g)
-    assert np.isfinite(stats["loss"])
-    xb = seen[0]
+    state = _fit(model, {"x": x, "y": y}, {"optimizer": "adam", "jitter": 2}, 1, 64, loss_fn)
+    assert np.isfinite(state.meta["history"][0]["train_loss"])
+    xb, yb = seen[0]
     assert xb.dtype == torch.float32 and xb.shape == (64, 1, 8, 8)
     assert xb.min() >= -1 and xb.max() <= 1
+    # Line the batch's rows up with the source rows (the stream shuffles): match on labels + pixels sum.
+    order = np.random.default_rng([0, 0]).permutation(64)
     plain = torch.from_numpy(x).float() / 127.5 - 1
-    assert not torch.allclose(xb, plain)  # shifted
-    assert (xb == plain).flatten(1).all(1).sum() < 20  # only the (0, 0) draws (~1/25) are unchanged
-
-
-def test_iterate_minibatches_is_seeded_aligned_and_complete():
-    x = np.arange(10 * 2).reshape(10, 2)
-    y = np.arange(10)
-    extra = {"teacher": torch.arange(10).float()[:, None] * 10}
-    a = list(iterate_minibatches(x, y, 4, True, seed=3, epoch=1, extra=extra))
-    b = list(iterate_minibatches(x, y, 4, True, seed=3, epoch=1, extra=extra))
-    c = list(iterate_minibatches(x, y, 4, True, seed=3, epoch=2, extra=extra))
-    assert [len(t["y"]) for t in a] == [4, 4, 2]
-    assert all(np.array_equal(s["y"], t["y"]) for s, t in zip(a, b))
-    assert not all(np.array_equal(s["y"], t["y"]) for s, t in zip(a, c))
-    ys = np.concatenate([t["y"] for t in a])
-    assert sorted(ys.tolist()) == list(range(10))
-    for t in a:
-        assert np.array_equal(t["x"][:, 0] // 2, t["y"])
-        assert torch.equal(t["teacher"][:, 0], torch.from_numpy(t["y"]).float() * 10)
-    plain = list(iterate_minibatches(x, None, 4, shuffle=False, drop_last=True))
-    assert len(plain) == 2 and "y" not in plain[0] and np.array_equal(plain[1]["x"], x[4:8])
-    with pytest.raises(ValueError, match="rows"):
-        next(iterate_minibatches(x, y[:5], 4, True))
+    shuffled = plain[torch.from_numpy(order)]
+    assert sorted(yb.tolist()) == sorted(y.tolist())
+    assert not torch.allclose(xb, shuffled) and not torch.allclose(xb, plain)  # shifted
+    same = [(xb[i] == plain[j]).all().item() for i in range(64) for j in range(64)]
+    assert sum(same) < 20  # only the (0, 0) draws (~1/25) are left unchanged
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant", "onecycle"])
@@ -170,19 +163,6 @@ def test_optimizer_choices_and_weight_decay_groups():
         make_optimizer(model, {"optimizer": "lbfgs"})
     with pytest.raises(UserError, match=r"train\.schedule"):
         make_scheduler(sgd, {"schedule": "poly"}, 10, 2)
-
-
-def test_predict_logits_restores_mode_and_matches_forward():
-    model = build_model({"arch": "mlp", "hidden": [8], "dropout": 0.5}, (3,), 2)
-    model.train()
-    x = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
-    out = predict_logits(model, x, batch_size=7)
-    assert model.training and out.shape == (50, 2) and out.dtype == torch.float32 and not out.requires_grad
-    model.eval()
-    torch.testing.assert_close(out, model(torch.from_numpy(x)))
-    y = out.argmax(1).numpy()
-    y[:5] = 1 - y[:5]
-    assert evaluate(model, x, y, batch_size=16) == {"test_error": 0.1, "test_errors": 5, "n": 50}
 
 
 def test_early_stopping_and_resume():

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from pipeline import runner, storage
+from pipeline import layout, runner, storage
 from pipeline.errors import UserError
 from pipeline.stages import tune as tune_stage
 
@@ -66,7 +66,7 @@ def test_grid_with_asha_writes_csv_heatmap_and_best(ray_local, tiny_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     metrics = storage.read_json(storage.join(cfg.stage_uri("tune"), "metrics.json"))
     assert metrics["trials"] == 4 and metrics["best"]["T"] == best["T"]
-    assert tune_stage.read_best(cfg) == best
+    assert layout.read_tune_best(cfg) == best
 
     again = runner.run_stage(cfg, "tune")
     assert again["skipped"]
@@ -89,7 +89,7 @@ def test_random_search_with_trials_reading_the_cache_themselves(ray_local, tiny_
         assert float(r["T"]) in (2.0, 3.0, 5.0) and float(r["alpha"]) in (0.5, 0.7)
         assert float(r["lr"]) in (0.002, 0.004)
         assert r["status"] == "completed" and int(r["epochs_run"]) == 2
-    best = tune_stage.read_best(cfg)
+    best = layout.read_tune_best(cfg)
     assert best["lr"] in (0.002, 0.004)
 
 

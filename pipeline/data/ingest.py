@@ -60,10 +60,13 @@ from pipeline import storage
 from pipeline.config import FORMATS, SyntheticConfig
 from pipeline.data.shards import (FORMAT_VERSION, MANIFEST, SHARD_RE, SPLITS, encode_image_shard, encode_shard,
                                   prefetch, sample_key, shard_name)
-from pipeline.data.sources import (DEFAULT_TEST_FRACTION, LOADERS, SYNTHETIC_BLOCK, ImageBatch, RawData,  # noqa: F401
-                                   SyntheticGenerator, _check_labels, _log, load_cifar, load_digits, load_folder,
-                                   load_idx, load_npz, load_synthetic, make_synthetic, read_idx, synthetic_config)
+from pipeline.data.sources import DEFAULT_TEST_FRACTION, FILE_LOADERS, ImageBatch, RawData, _check_labels
+from pipeline.data.synthetic import load_synthetic, synthetic_config
 from pipeline.errors import UserError
+from pipeline.log import log
+
+# --format -> loader (the format names themselves are `pipeline.config.FORMATS`).
+LOADERS = {**FILE_LOADERS, "synthetic": load_synthetic}
 
 # ---------------------------------------------------------------------------------------------
 # Splits
@@ -274,7 +277,7 @@ def ingest(source: str, out: str, fmt: str, val_fraction: float = 0.1, shard_siz
     muri = storage.join(out, MANIFEST)
     existing = _own_manifest(out)
     if existing is not None and existing.get("ingest") == params and shards_present(out, existing):
-        _log(f"{out} already holds this dataset ({MANIFEST} matches, all shards present); nothing to do")
+        log(f"{out} already holds this dataset ({MANIFEST} matches, all shards present); nothing to do")
         return existing
     ours = _own_journal(out)
     if existing is not None:
@@ -287,7 +290,7 @@ def ingest(source: str, out: str, fmt: str, val_fraction: float = 0.1, shard_siz
     for s in ("train", "test"):
         if counts[s] == 0:
             raise UserError(f"{source or fmt}: the {s} split is empty")
-    _log(f"read {raw.name} ({fmt}) in {time.perf_counter() - t0:.1f}s: "
+    log(f"read {raw.name} ({fmt}) in {time.perf_counter() - t0:.1f}s: "
          + ", ".join(f"{s} {counts[s]}" for s in SPLITS))
 
     planned = [shard_name(s, i) for s in SPLITS for i in range(-(-counts[s] // shard_size))]
@@ -338,7 +341,7 @@ def ingest(source: str, out: str, fmt: str, val_fraction: float = 0.1, shard_siz
     storage.write_json_atomic(muri, manifest)
     _remove_stale(out, manifest, ours)
     storage.remove(storage.join(out, JOURNAL))
-    _log(f"wrote {total - kept} shard(s), kept {kept} already complete, in {time.perf_counter() - t1:.1f}s -> {out}")
+    log(f"wrote {total - kept} shard(s), kept {kept} already complete, in {time.perf_counter() - t1:.1f}s -> {out}")
     return manifest
 
 

@@ -24,9 +24,10 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline import layout
+from pipeline.layout import METRICS_FILE, SUBSETS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
-SUBSETS_FILE = "specialists.json"
 PLOT_FILE = "covariance.png"
 # Above this many classes the heatmap shows block averages: a C x C image at JFT's 15,000 classes
 # would be 225 M pixels nobody can read.
@@ -35,8 +36,6 @@ MAX_TICK_LABELS = 40
 
 
 def fingerprint(cfg: Config) -> str:
-    from pipeline.runner import marker_fingerprint
-
     # batch_size only sets how many val samples go through the generalist at once: same subsets.
     return section_fingerprint("cluster-v1", cfg.cluster.model_dump(exclude={"batch_size"}),
                                marker_fingerprint(cfg, "teacher"))
@@ -44,14 +43,7 @@ def fingerprint(cfg: Config) -> str:
 
 def read_subsets(cfg: Config) -> list[list[int]]:
     """The subsets the cluster stage wrote; UserError if it has not run."""
-    uri = storage.join(cfg.stage_uri("cluster"), SUBSETS_FILE)
-    if not storage.exists(uri):
-        raise UserError(f"{uri}: no class subsets yet; run `distill stage cluster CONFIG` first")
-    doc = storage.read_json(uri)
-    subsets = doc.get("subsets") if isinstance(doc, dict) else None
-    if not isinstance(subsets, list) or not all(isinstance(s, list) and s for s in subsets):
-        raise UserError(f"{uri}: 'subsets' must be a list of non-empty lists of class indices; re-run the cluster stage")
-    return [[int(c) for c in s] for s in subsets]
+    return layout.read_subsets(cfg.stage_uri("cluster"))
 
 
 def generalist_meta(cfg: Config) -> dict:
@@ -135,7 +127,7 @@ def run(cfg: Config) -> dict:
         log(f"cluster: adjusted Rand index vs the data's class_groups: {metrics['ari']:.3f}")
     with storage.atomic_local_target(storage.join(out, PLOT_FILE)) as tmp:
         plot_covariance(cov, subsets, class_names, tmp)
-    storage.write_json_atomic(storage.join(out, "metrics.json"), metrics)
+    storage.write_json_atomic(storage.join(out, METRICS_FILE), metrics)
     storage.write_json_atomic(storage.join(out, SUBSETS_FILE),
                               {"subsets": subsets, "class_names": names, "num_classes": num_classes})
     result = {"num_specialists": len(subsets), "subset_sizes": metrics["subset_sizes"]}

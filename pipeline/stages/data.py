@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
+from pipeline.layout import METRICS_FILE
 
 NEEDS_RAY = False
 
@@ -106,7 +107,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         raise UserError(f"data.transfer_split: '{split}' is not a split of {out}; "
                         f"it has {', '.join(manifest['splits'])}")
     counts = _counts(manifest)
-    storage.write_json_atomic(storage.join(out, "metrics.json"),
+    storage.write_json_atomic(storage.join(out, METRICS_FILE),
                               {"name": manifest.get("name"), **counts,
                                "input_shape": manifest["input_shape"], "dtype": manifest["dtype"]})
     return counts

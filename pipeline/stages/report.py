@@ -11,23 +11,20 @@ from typing import Any, Optional
 
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
+from pipeline.layout import (MANIFEST_FILE, METRICS_FILE, REPORT_FILE, STAGES, SUMMARY_FILE, marker_fingerprint,
+                             read_json_or_none, read_marker, run_file, stage_file)
 
 NEEDS_RAY = False
-UPSTREAM = ("data", "teacher", "cluster", "specialists", "targets", "tune", "student")
+# Every stage before this one, in execution order: the report reads them all.
+UPSTREAM = tuple(s for s in STAGES if s != "report")
 
 
 def fingerprint(cfg: Config) -> str:
-    from pipeline.runner import marker_fingerprint
-
     return section_fingerprint("report-v1", [marker_fingerprint(cfg, s) for s in UPSTREAM])
 
 
-def _read(cfg: Config, stage: str, name: str = "metrics.json") -> Optional[dict]:
-    uri = storage.join(cfg.stage_uri(stage), name)
-    try:
-        return storage.read_json(uri)
-    except (FileNotFoundError, ValueError):
-        return None
+def _read(cfg: Config, stage: str, name: str = METRICS_FILE) -> Optional[dict]:
+    return read_json_or_none(stage_file(cfg, stage, name))
 
 
 def _get(d: Optional[dict], *path: str, default: Any = None) -> Any:
@@ -39,9 +36,7 @@ def _get(d: Optional[dict], *path: str, default: Any = None) -> Any:
 
 
 def build_summary(cfg: Config) -> dict:
-    from pipeline.runner import read_marker
-
-    manifest = _read(cfg, "data", "manifest.json") or {}
+    manifest = _read(cfg, "data", MANIFEST_FILE) or {}
     splits = manifest.get("splits", {})
     teacher = _read(cfg, "teacher")
     spec = _read(cfg, "specialists")
@@ -224,6 +219,6 @@ def run(cfg: Config) -> dict:
     _learning_curves(cfg, storage.join(cfg.output_dir, "learning_curves.png"))
     _copy_plot(cfg, "cluster", "covariance.png", "cluster_covariance.png")
     _copy_plot(cfg, "tune", "heatmap.png", "tune_heatmap.png")
-    storage.write_bytes_atomic(storage.join(cfg.output_dir, "report.md"), render_report(cfg, summary).encode())
-    storage.write_json_atomic(storage.join(cfg.output_dir, "summary.json"), summary)
+    storage.write_bytes_atomic(run_file(cfg, REPORT_FILE), render_report(cfg, summary).encode())
+    storage.write_json_atomic(run_file(cfg, SUMMARY_FILE), summary)
     return {"summary": summary}

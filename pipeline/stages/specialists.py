@@ -35,10 +35,10 @@ import torch
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
-from pipeline.specialist_training import TRAIN_KEYS, is_complete, spec_dirname
+from pipeline.layout import METRICS_FILE, marker_fingerprint, spec_dirname
+from pipeline.specialist_training import TRAIN_KEYS, is_complete
 
 NEEDS_RAY = True
-METRICS_FILE = "metrics.json"
 # Resources and scheduling do not change what a specialist learns; they stay out of the fingerprints.
 _NOT_FINGERPRINTED = {"cpus_per_specialist", "gpus_per_specialist", "max_concurrent", "max_failures"}
 # Test hooks (read in the driver, passed to the trials): specialists listed in FAIL_ENV raise after
@@ -49,8 +49,6 @@ FAIL_ONCE_ENV = "DISTILL_TEST_FAIL_ONCE_DIR"
 
 
 def fingerprint(cfg: Config) -> str:
-    from pipeline.runner import marker_fingerprint
-
     sc = cfg.specialists.model_dump(exclude=_NOT_FINGERPRINTED)
     return section_fingerprint("specialists-v1", sc, cfg.seed, marker_fingerprint(cfg, "cluster"),
                                marker_fingerprint(cfg, "teacher"), marker_fingerprint(cfg, "data"))
@@ -58,8 +56,6 @@ def fingerprint(cfg: Config) -> str:
 
 def specialist_fingerprint(cfg: Config, subset: Sequence[int], teacher_sha: str) -> str:
     """Identity of one specialist's training inputs; stored in its model.json."""
-    from pipeline.runner import marker_fingerprint
-
     train = {k: getattr(cfg.specialists, k) for k in TRAIN_KEYS}
     return section_fingerprint("specialist-v2", train, [int(c) for c in subset], teacher_sha,
                                marker_fingerprint(cfg, "data"), cfg.seed)
@@ -371,7 +367,6 @@ def evaluate_on_test(cfg: Config, subsets: list[list[int]], class_names: list[li
     """
     from pipeline import inference
     from pipeline.log import log
-    from pipeline.specialist_training import METRICS_FILE as SPEC_METRICS
     from pipeline.teacher_ensemble import resolve_from_config
 
     sc = cfg.specialists
@@ -389,7 +384,7 @@ def evaluate_on_test(cfg: Config, subsets: list[list[int]], class_names: list[li
     per_spec = []
     for m, meta in enumerate(spec.specialist_metas):
         try:
-            train_metrics = storage.read_json(storage.join(spec_uri(cfg, m), SPEC_METRICS))
+            train_metrics = storage.read_json(storage.join(spec_uri(cfg, m), METRICS_FILE))
         except FileNotFoundError:
             train_metrics = {}
         per_spec.append({

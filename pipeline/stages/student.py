@@ -48,16 +48,14 @@ Writes under `student/`:
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.layout import METRICS_FILE, marker_fingerprint, read_metrics, read_tune_best
 
 NEEDS_RAY = True
 LATENCY_BATCH = 256
@@ -82,8 +80,6 @@ def _tune_applies(cfg: Config) -> bool:
 
 
 def fingerprint(cfg: Config) -> str:
-    from pipeline.runner import marker_fingerprint
-
     s = cfg.student
     upstream = [marker_fingerprint(cfg, "data"), marker_fingerprint(cfg, "teacher")]
     if s.mode == "cached":
@@ -99,8 +95,6 @@ def fingerprint(cfg: Config) -> str:
 
 def baseline_fingerprint(cfg: Config) -> str:
     """The baseline ignores T, alpha, target and tune: changing them resumes (and skips) its run."""
-    from pipeline.runner import marker_fingerprint
-
     s = cfg.student
     return section_fingerprint("baseline-v2", s.model.spec(), s.train_dict(), cfg.seed,
                                marker_fingerprint(cfg, "data"))
@@ -114,11 +108,10 @@ def distilled_fingerprint(cfg: Config, which: str) -> str:
 def hyperparameters(cfg: Config) -> dict:
     """{"T", "alpha", "lr", "source"} for the distilled student: tune's best, or the config's."""
     from pipeline.log import log
-    from pipeline.stages.tune import read_best
 
     s = cfg.student
     if _tune_applies(cfg):
-        best = read_best(cfg)
+        best = read_tune_best(cfg)
         if best is not None:
             return {"T": float(best["T"]), "alpha": float(best["alpha"]), "lr": float(best["lr"]),
                     "source": "tune", "tune_val_error": best.get("val_error")}
@@ -505,8 +498,8 @@ def run(cfg: Config) -> dict:
     meta = models.read_checkpoint_meta(storage.join(out, "distilled"))
     exp = export.export_student(distilled, meta, storage.join(out, "export"))
     lat = latencies(cfg, distilled, job["input_shape"])
-    teacher_metrics = _read_json(storage.join(cfg.stage_uri("teacher"), "metrics.json"))
-    spec_metrics = _read_json(storage.join(cfg.stage_uri("specialists"), "metrics.json"))
+    teacher_metrics = read_metrics(cfg, "teacher")
+    spec_metrics = read_metrics(cfg, "specialists")
     b, d, dg = results["baseline"], results["distilled"], results["distilled_generalist"]
     metrics = {
         "baseline": b,
@@ -536,7 +529,7 @@ def run(cfg: Config) -> dict:
         metrics["teacher"]["speedup_vs_generalist"] = round(lat["generalist"]["ms_median"] / lat["student"]["ms_median"], 2)
     if "ensemble" in lat:
         metrics["teacher"]["speedup_vs_ensemble"] = round(lat["ensemble"]["ms_median"] / lat["student"]["ms_median"], 2)
-    storage.write_json_atomic(storage.join(out, "metrics.json"), metrics)
+    storage.write_json_atomic(storage.join(out, METRICS_FILE), metrics)
     log(f"student: distilled {d['test_errors']} (from the generalist alone {dg['test_errors']}) vs baseline "
         f"{b['test_errors']} test errors "
         f"({'better' if d['test_errors'] < b['test_errors'] else 'NOT better'}); "
@@ -546,10 +539,3 @@ def run(cfg: Config) -> dict:
     return {"baseline_test_error": b["test_error"], "distilled_test_error": d["test_error"],
             "T": d["T"], "alpha": d["alpha"]}
 
-
-def _read_json(uri: str) -> dict:
-    try:
-        doc = storage.read_json(uri)
-        return doc if isinstance(doc, dict) else {}
-    except (FileNotFoundError, ValueError):
-        return {}

@@ -19,7 +19,7 @@ format). The work unit is one input shard -> one cache shard:
 3. the driver collects the entries, deletes files no shard owns, writes `metrics.json` (counts,
    write throughput, bytes per sample) and `manifest.json` last.
 
-Crash safety (DESIGN.md): before the first shard is rewritten the manifest (and the runner's stage
+Crash safety (docs/contracts.md, "Soft-target cache"): before the first shard is rewritten the manifest (and the runner's stage
 marker) are removed, so an interrupted job reads as "incomplete"; shard files appear only complete
 (`storage.put_file_atomic`), each shard's `_parts/` entry follows its files, and a rerun keeps every
 shard whose entry and checksums are intact. This holds on S3 too: one PUT per file.
@@ -42,6 +42,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.layout import METRICS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
 # Execution settings do not change a single stored value; they stay out of the fingerprint so that
@@ -55,14 +56,11 @@ def precision_tag(cfg: Config) -> Optional[str]:
     run fp32), which leaves the fingerprints of fp32 caches as they were."""
     t = cfg.targets
     return "bf16" if t.gpus_per_actor > 0 and t.precision in ("auto", "bf16") else None
-METRICS_FILE = "metrics.json"
 
 
 def fingerprint(cfg: Config) -> str:
     """Config slice + upstream markers + what the cache actually depends on (checkpoint and input
     shard checksums), so retraining the teacher with an identical config still reruns this stage."""
-    from pipeline.runner import marker_fingerprint
-
     try:
         teacher_fp = _teacher(cfg).fingerprints()["teacher_fingerprint"]
     except (UserError, ValueError, KeyError, FileNotFoundError):  # upstream not (validly) there yet
@@ -394,7 +392,7 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
     """
     from pipeline import cache
     from pipeline.log import log
-    from pipeline.runner import marker_uri
+    from pipeline.layout import marker_uri
 
     t0 = time.perf_counter()
     say = log if progress else (lambda msg: None)
@@ -493,8 +491,6 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
         manifest = old_manifest or manifest
     seconds = time.perf_counter() - t0
     if write_marker:
-        from pipeline.runner import marker_fingerprint
-
         fp = fingerprint(cfg)
         # A no-op regen leaves the marker (and the stage's recorded time) alone when it is current.
         if todo or orphans or marker_fingerprint(cfg, "targets") != fp:

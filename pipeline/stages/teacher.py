@@ -17,14 +17,13 @@ import time
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.layout import METRICS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
 RUN_PREFIX = "teacher-"
 
 
 def fingerprint(cfg: Config) -> str:
-    from pipeline.runner import marker_fingerprint
-
     return section_fingerprint(cfg.teacher, cfg.seed, marker_fingerprint(cfg, "data"))
 
 
@@ -92,7 +91,7 @@ def evaluate_saved(cfg: Config, checkpoint_uri: str, data_uri: str, split: str, 
 
 
 def run(cfg: Config) -> dict:
-    from pipeline import models, ray_train, training
+    from pipeline import models, ray_train
     from pipeline.data import shards
     from pipeline.log import log
 
@@ -151,7 +150,7 @@ def run(cfg: Config) -> dict:
         "model": models.resolve_spec(lc["model"]),
         "ray_run": storage.join(ray_uri, name),
     }
-    storage.write_json_atomic(storage.join(out, "metrics.json"), metrics)
+    storage.write_json_atomic(storage.join(out, METRICS_FILE), metrics)
     log(f"teacher: test error {100 * ev['test_error']:.2f} % ({ev['test_errors']}/{ev['n']}), "
         f"best epoch {best_epoch + 1}, {params:,} params, {train_seconds:.0f}s in Ray Train")
     return {"test_error": ev["test_error"], "params": params}

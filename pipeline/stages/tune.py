@@ -10,7 +10,7 @@ How it runs:
   on the training core (`pipeline.stages.student.train_in_process`: the same loss, batching,
   optimizer and schedule the final student gets), reporting the val error after every epoch through
   `ray.tune.report`. We chose the in-trial loop over launching a Ray Train `TorchTrainer` inside each
-  trial (the Train v2 way to tune a trainer, see STYLE.md): a student is small enough for one worker,
+  trial (the Train v2 way to tune a trainer): a student is small enough for one worker,
   and a trainer per trial would add a controller actor and a worker group (seconds of start-up each)
   to trials that themselves take seconds. Multi-worker students still train through Ray Train in the
   student stage; only the search is single-worker per trial.
@@ -39,45 +39,27 @@ import csv
 import io
 import math
 import time
-from typing import Optional
 
 import numpy as np
 
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.layout import BEST_FILE, METRICS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
 RESULTS_FILE = "results.csv"
 HEATMAP_FILE = "heatmap.png"
-BEST_FILE = "best.json"
 CSV_COLUMNS = ("trial_id", "T", "alpha", "lr", "seed", "val_error", "last_val_error", "epochs_run", "status")
 
 
 def fingerprint(cfg: Config) -> str:
-    from pipeline.runner import marker_fingerprint
     from pipeline.stages.student import learning_slice
 
     return section_fingerprint("tune-v1", cfg.tune, learning_slice(cfg), cfg.seed,
                                marker_fingerprint(cfg, "targets"), marker_fingerprint(cfg, "data"))
 
 
-def best_uri(cfg: Config) -> str:
-    return storage.join(cfg.stage_uri("tune"), BEST_FILE)
-
-
-def read_best(cfg: Config) -> Optional[dict]:
-    """tune/best.json, or None when the tune stage has not finished."""
-    uri = best_uri(cfg)
-    try:
-        best = storage.read_json(uri)
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        raise UserError(f"{uri}: not valid JSON; rerun `distill stage tune CONFIG`") from None
-    if not isinstance(best, dict) or not {"T", "alpha", "lr"} <= set(best):
-        raise UserError(f"{uri}: lacks T/alpha/lr; rerun `distill stage tune CONFIG`")
-    return best
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +231,7 @@ def run(cfg: Config) -> dict:
         "search": tc.search, "scheduler": tc.scheduler, "epochs": epochs, "target": cfg.student.target,
         "seconds": round(seconds, 3),
     }
-    storage.write_json_atomic(storage.join(out, "metrics.json"), metrics)
+    storage.write_json_atomic(storage.join(out, METRICS_FILE), metrics)
     log(f"tune: best T={best['T']:g} alpha={best['alpha']:g} lr={best['lr']:g} "
         f"val error {best['val_error']:.4f} over {len(rows)} trials in {seconds:.1f}s")
     return {"trials": len(rows), "best": best_doc}
