@@ -358,15 +358,11 @@ class Config(_Section):
             raise ValueError("; ".join(problems))
         return self
 
-    # Where each stage lives; the run-directory contract of DESIGN.md.
+    # Where each stage lives: `pipeline.layout.stage_uri` (docs/contracts.md, "Run directory").
     def stage_uri(self, stage: str) -> str:
-        from pipeline import storage
+        from pipeline import layout
 
-        if stage == "data" and self.data.uri:
-            return self.data.uri
-        if stage == "targets" and self.targets.uri:
-            return self.targets.uri
-        return storage.join(self.output_dir, stage)
+        return layout.stage_uri(self, stage)
 
 
 # Settings that change how a job runs but never what it computes: left out of fingerprints, so
