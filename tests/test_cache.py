@@ -168,6 +168,55 @@ def test_array_built_tar_equals_tarfile_and_reads_back(tmp_path, monkeypatch, to
     assert tario.index_regular_tar(bytes(bad)) is None
 
 
+def test_the_format_registry_is_the_one_format_list(tmp_path):
+    """Every format is a `CacheFormat` in `cache.REGISTRY`; config validation, file names and the
+    readers take the list from there, and each format gives back what was written through it."""
+    import typing
+
+    from pipeline.config import TargetsConfig
+
+    assert cache.FORMATS == tuple(cache.REGISTRY) == ("parquet", "webdataset")
+    assert typing.get_args(TargetsConfig.model_fields["format"].annotation) == cache.FORMAT_SETTINGS == (
+        *cache.FORMATS, "both")
+    assert cache.formats_from_setting("both") == list(cache.FORMATS)
+    assert cache.formats_from_setting(["webdataset"]) == ["webdataset"]
+    with pytest.raises(UserError, match="parquet, webdataset, both"):
+        cache.formats_from_setting("csv")
+    with pytest.raises(ValueError, match="unknown cache format"):
+        cache.get_format("csv")
+    layout = cache.Layout(NUM_CLASSES, "float16", 3)
+    g, e = _outputs(6)
+    fields = layout.encode(g, e)
+    x = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+    keys = [f"train_{i:08d}" for i in range(6)]
+    for name, fmt in cache.REGISTRY.items():
+        assert fmt.name == name and cache.shard_file_name("train-000000", name) == "train-000000" + fmt.extension
+        assert cache.format_of(str(tmp_path / ("train-000000" + fmt.extension))) == name
+        path = str(tmp_path / ("one" + fmt.extension))
+        fmt.write(path, keys, np.arange(6) % NUM_CLASSES, fields, layout, inputs=x)
+        got = cache.read_shard(open(path, "rb").read(), name)
+        assert list(got["keys"]) == keys and all(np.array_equal(got[k], v) for k, v in fields.items())
+        assert ("inputs" in got) == fmt.carries_inputs  # a format without inputs is joined when read
+        if fmt.carries_inputs:
+            assert np.array_equal(got["inputs"], x)
+    with pytest.raises(UserError, match="not a cache shard"):
+        cache.format_of("train-000000.csv")
+
+
+def test_importing_the_cache_loads_no_torch_ray_or_pyarrow():
+    """The CLI's `targets verify` / `regen` checks start fast: the package imports only numpy and
+    fsspec; pyarrow loads when a Parquet file is touched, torch only with torch inputs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline import cache; import numpy as np; "
+            "cache.topk_to_dense(np.zeros((1, 1), np.int16), np.zeros((1, 1), np.float32), np.zeros(1), 3); "
+            "heavy = [m for m in ('torch', 'ray', 'pyarrow') if m in sys.modules]; assert not heavy, heavy")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_parquet_schema_is_fixed_width(tmp_path):
     layout = cache.Layout(NUM_CLASSES, "float16")
     g, e = _outputs(10)
