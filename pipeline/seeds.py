@@ -28,6 +28,7 @@ from typing import Any, Iterable, Optional
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.layout import SUMMARY_FILE
 from pipeline.log import log, warn
 
 SEED_DIR_PREFIX = "seed-"
@@ -121,7 +122,7 @@ def find_seeds(output_dir: str) -> list[int]:
     found = []
     for name in storage.listdir(output_dir):
         m = _SEED_RE.match(name)
-        if m and storage.exists(storage.join(output_dir, name, "summary.json")):
+        if m and storage.exists(storage.join(output_dir, name, SUMMARY_FILE)):
             found.append(int(m.group(1)))
     return sorted(found)
 
@@ -215,7 +216,7 @@ def read_runs(output_dir: str, seeds: list[int]) -> tuple[dict[int, dict], dict[
     runs, dirs = {}, {}
     for s in seeds:
         d = seed_dir(output_dir, s)
-        uri = storage.join(d, "summary.json")
+        uri = storage.join(d, SUMMARY_FILE)
         try:
             runs[s] = storage.read_json(uri)
         except FileNotFoundError:
