@@ -73,8 +73,8 @@ def plain_epoch(model, opt, x: torch.Tensor, y: torch.Tensor, bs: int, steps: in
 
 def _plain_rate(job, model_spec, x, y, bs, steps, epochs, seed) -> tuple[list[float], float]:
     torch.manual_seed(0)
-    model = models.build_model(model_spec, job["input_shape"], job["num_classes"])
-    opt = training.make_optimizer(model, job["train"])
+    model = models.build_model(model_spec, job.input_shape, job.num_classes)
+    opt = training.make_optimizer(model, job.train)
     gen = torch.Generator().manual_seed(seed)
     rates, t_all = [], time.perf_counter()
     for _ in range(epochs):
@@ -126,25 +126,25 @@ def main() -> int:
     ensure_ray(cfg)
     torch.set_num_threads(args.threads)
     job = student.student_job(cfg)
-    bs = int(job["train"]["batch_size"])
+    bs = int(job.train["batch_size"])
     # The plain reference gets the hard-label training split as prepared torch tensors: the best
     # case for a plain loop (nothing to read, nothing to decode).
     from pipeline.data import shards
 
-    x, y, _ = shards.load_split(job["data_uri"], "train")
+    x, y, _ = shards.load_split(job.data_uri, "train")
     x_plain = models.prepare_inputs(np.array(x)).contiguous()
     y_plain = torch.from_numpy(np.array(y)).long()
     n = len(y_plain)
-    manifest = cache.read_manifest(job["cache_uri"])
+    manifest = cache.read_manifest(job.cache_uri)
     steps_cached = sum(int(e["num_samples"]) for e in manifest["shards"]) // bs
     steps_hard = n // bs
-    teacher_job = dict(job, model=cfg.teacher.model.spec(), train=dict(job["train"], batch_size=bs))
+    teacher_job = job.replace(model=cfg.teacher.model.spec(), train=dict(job.train, batch_size=bs))
 
     runs: dict[str, list] = {"plain_student": [], "cached": [], "plain_teacher": [], "teacher": []}
     for r in range(args.rounds):
-        runs["plain_student"].append(_plain_rate(job, job["model"], x_plain, y_plain, bs, steps_cached, args.epochs, r))
+        runs["plain_student"].append(_plain_rate(job, job.model, x_plain, y_plain, bs, steps_cached, args.epochs, r))
         runs["cached"].append(_stream_rate(job, "cached", args.epochs, r))
-        runs["plain_teacher"].append(_plain_rate(teacher_job, teacher_job["model"], x_plain, y_plain, bs, steps_hard,
+        runs["plain_teacher"].append(_plain_rate(teacher_job, teacher_job.model, x_plain, y_plain, bs, steps_hard,
                                                  args.epochs, r))
         runs["teacher"].append(_stream_rate(teacher_job, "hard", args.epochs, r))
         print(f"[bench_student] round {r + 1}/{args.rounds}: " + ", ".join(
@@ -154,9 +154,9 @@ def main() -> int:
         "config": os.path.relpath(args.config, ROOT) if os.path.isabs(args.config) else args.config,
         "samples": n, "batch_size": bs, "epochs_per_round": args.epochs, "rounds": args.rounds,
         "threads": args.threads,
-        "student": {"model": models.resolve_spec(job["model"]),
-                    "params": models.count_params(models.build_model(job["model"], job["input_shape"], job["num_classes"]))},
-        "teacher_model": models.resolve_spec(teacher_job["model"]),
+        "student": {"model": models.resolve_spec(job.model),
+                    "params": models.count_params(models.build_model(job.model, job.input_shape, job.num_classes))},
+        "teacher_model": models.resolve_spec(teacher_job.model),
         "cache": {"dtype": manifest["dtype"], "top_k": manifest.get("top_k"), "format": manifest["formats"][0],
                   "bytes_per_sample": cache.describe_bytes(manifest)},
         "cached_student_vs_plain": _summary(runs["plain_student"], runs["cached"]),

@@ -12,8 +12,8 @@ log-probabilities at T = 1 (the generalist + specialist ensemble, section 5.4). 
 log p = z - logsumexp(z) differs from z by a per-row constant, and softmax((z - c) / T) ==
 softmax(z / T). Caching logits/log-probs (never probabilities at one T) keeps T a training-time choice.
 
-`kd_loss` is the one KD loss; production reaches it through `pipeline.stages.student.make_loss`, which
-builds the per-batch loss_fn(logits, batch) of the student and of every tuning trial. It is fused: one autograd node whose forward computes the loss
+`kd_loss` is the one KD loss; `make_loss` (below) builds from it the per-batch loss_fn(logits, batch)
+that the training core calls for every student, Tune trial and bench. `kd_loss` is fused: one autograd node whose forward computes the loss
 *and* its gradient with respect to the student logits in a handful of whole-batch kernels, so the
 backward pass is one multiply:
 
@@ -33,7 +33,7 @@ Plain torch; no Ray. The math runs in float32 (float64 for float64 students) wha
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -154,3 +154,62 @@ def kd_loss(
 def cross_entropy_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Hard-label training (teacher, specialists, baseline student): CE against batch["y"] (B,)."""
     return F.cross_entropy(logits, batch["y"].long())
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss functions the training core calls: loss_fn(student_logits, batch) -> scalar.
+
+
+def dense_teacher(batch: dict, num_classes: int):
+    """The batch's teacher targets as dense (B, C) logits / log-probabilities (top-k: tail spread)."""
+    from pipeline.cache import topk_to_dense
+
+    if "teacher" in batch:
+        return batch["teacher"]
+    return topk_to_dense(batch["teacher_topk_idx"], batch["teacher_topk_val"], batch["teacher_tail"], num_classes)
+
+
+class _Labels:
+    """Whether the transfer set is labelled, decided on its first batch (one host sync per run):
+    unlabelled rows carry y = -1 and then only the soft term is trained."""
+
+    def __init__(self):
+        self.labelled: Optional[bool] = None
+
+    def __call__(self, batch: dict):
+        y = batch.get("y")
+        if y is None:
+            return None
+        if self.labelled is None:
+            self.labelled = bool((y >= 0).all())
+        return y.long() if self.labelled else None
+
+
+def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 0, target: str = "ensemble",
+              ensemble: Any = None) -> Callable:
+    """loss_fn(student_logits, batch) for the training core (`pipeline.training.run_epochs`).
+
+    kind: "hard" (cross-entropy with batch["y"]), "cached" (the KD loss `pipeline.losses.kd_loss`
+    against the batch's cached targets: the teacher's softmax at T is computed per batch on the
+    device) or "online" (KD against `ensemble(batch["x"])`, a `TeacherEnsemble`, run on every batch).
+    """
+    if kind == "hard":
+        return lambda logits, batch: F.cross_entropy(logits, batch["y"].long())
+    labels = _Labels()
+    if kind == "cached":
+        def cached(logits, batch):
+            return kd_loss(logits, dense_teacher(batch, num_classes), labels(batch), T, alpha)
+
+        return cached
+    if kind == "online":
+        if ensemble is None:
+            raise ValueError("online distillation needs the teacher ensemble")
+        which = 1 if target == "ensemble" else 0
+
+        def online(logits, batch):
+            with torch.no_grad():
+                teacher = ensemble(batch["x"])[which].to(logits.device)
+            return kd_loss(logits, teacher, labels(batch), T, alpha)
+
+        return online
+    raise ValueError(f"unknown loss kind {kind!r}")

@@ -5,8 +5,9 @@ student share.
 the stage folder (local path or `s3://`), so every epoch's checkpoint lives next to the stage's
 other files. `train_loop` is the function each worker runs: ordinary PyTorch around
 `pipeline.training`; its only Ray calls are `get_context`, `get_checkpoint`, `prepare_model` and
-`report`. Teacher and student differ only in what they read and what they minimise, which the loop
-takes as two optional callables in its config (`load_train`, `make_loss`).
+`report`. Teacher and students differ only in what they read (the datasets handed to the trainer) and what
+they minimise (`TrainJob.distill`, turned into a loss by `pipeline.losses.make_loss`); the driver
+hands every worker one typed `pipeline.jobs.TrainJob`.
 
 Fault tolerance comes from Ray Train itself, as verified on Ray 2.60 with Train v2:
 - every `ray.train.report(..., checkpoint=...)` is registered by the controller, which then writes
@@ -35,10 +36,11 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.jobs import TrainJob
 
 TRAINER_STATE = "trainer.pt"
 TRAINER_META = "trainer.json"
@@ -118,9 +120,9 @@ def fault_injection() -> dict:
     return hooks
 
 
-def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, storage_uri: str, name: str,
-        max_failures: int, keep: int = 1, datasets: Optional[dict] = None):
-    """Run `train_fn` on a data-parallel worker group; returns Ray Train's `Result`.
+def fit(job: TrainJob, scaling: Any, storage_uri: str, name: str, max_failures: int, keep: int = 1,
+        datasets: Optional[dict] = None):
+    """Run `train_loop` for `job` on a data-parallel worker group; returns Ray Train's `Result`.
 
     scaling: object with num_workers, use_gpu, cpus_per_worker (a `ScalingFields` config section).
     storage_uri: folder (local or s3://) that holds the run `name`; rerunning with the same name
@@ -139,10 +141,9 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, stora
     if not storage.is_remote(storage_uri):
         os.makedirs(path, exist_ok=True)
     check_latest_checkpoint(storage_uri, name)
-    config = dict(loop_config)
     hooks = fault_injection()
     if hooks:
-        config["_fault"] = hooks
+        job = job.replace(fault=hooks)
     run_config = RunConfig(
         name=name,
         storage_path=path,
@@ -153,7 +154,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: Any, stora
         # Ray Train's per-report INFO lines drown the loop's own progress lines.
         logging_config=LoggingConfig(log_level="WARNING"),
     )
-    trainer = TorchTrainer(train_fn, train_loop_config=config, scaling_config=scaling_config(scaling),
+    trainer = TorchTrainer(train_loop, train_loop_config={"job": job}, scaling_config=scaling_config(scaling),
                            run_config=run_config, datasets=datasets or None,
                            dataset_config=dataset_config() if datasets else None)
     # Train v2 (2.60) installs a SIGINT handler for the rest of the process that aborts the run and
@@ -378,12 +379,14 @@ def build_datasets(data: dict, loader: Any, seed: int, epochs: int, start_epoch:
     return out
 
 
-def data_parallel_job(train_entries: Sequence[dict], val_entries: Sequence[dict], scaling: Any, tcfg: dict,
-                      loader: Any, seed: int, storage_uri: str, name: str,
-                      transform: Optional[dict] = None) -> tuple[dict, dict]:
-    """(loop-config additions, datasets) for a `train_loop` job over shard entries (dataset shards
-    from `pipeline.datasets.split_items`, or joined cache shards from `cache_items`): shards balanced
-    over ranks, steps per epoch, the streams started where the run's newest checkpoint stands."""
+def data_parallel_job(job: TrainJob, train_entries: Sequence[dict], val_entries: Sequence[dict], scaling: Any,
+                      loader: Any, storage_uri: str, name: str,
+                      transform: Optional[dict] = None) -> tuple[TrainJob, dict]:
+    """(`job` with its shard plan filled in, datasets) for a `train_loop` run over shard entries
+    (dataset shards from `pipeline.datasets.split_items`, or joined cache shards from `cache_items`):
+    shards balanced over ranks, steps per epoch, the streams started where the run's newest
+    checkpoint stands."""
+    tcfg, seed = job.train, job.seed
     world = int(scaling.num_workers)
     local_bs = max(1, int(tcfg["batch_size"]) // world)
     train = balanced_shards(list(train_entries), world)
@@ -394,9 +397,9 @@ def data_parallel_job(train_entries: Sequence[dict], val_entries: Sequence[dict]
                         min(start_epoch, int(tcfg["epochs"]) - 1), transform)
     small = int(loader.materialize_mb) * (1 << 20)
     keep = [r for r, shards in enumerate(val) if shards and sum(int(e.get("bytes") or 0) for e in shards) <= small]
-    extra = {"steps_per_epoch": steps, "local_bs": local_bs, "start_epoch": start_epoch, "val_keep": keep,
-             "loader": loader.model_dump() if hasattr(loader, "model_dump") else dict(loader)}
-    return extra, ds
+    job = job.replace(steps_per_epoch=steps, local_bs=local_bs, start_epoch=start_epoch, val_keep=tuple(keep),
+                      loader=loader.model_dump() if hasattr(loader, "model_dump") else dict(loader))
+    return job, ds
 
 
 def dataset_config():
@@ -426,13 +429,19 @@ def _all_reduce(values: list[float], device: Any = "cpu") -> list[float]:
     return t.cpu().tolist()
 
 
-def cross_entropy_loss(config: dict):
-    import torch.nn.functional as F
+def _loss_for(job: TrainJob, device: Any):
+    """loss_fn(logits, batch) of `job`: cross-entropy, or the KD loss against cached targets or an
+    online teacher ensemble built on this worker's device."""
+    from pipeline.losses import make_loss
 
-    def loss_fn(out, batch):
-        return F.cross_entropy(out, batch["y"])
+    d = job.distill
+    if d is None:
+        return make_loss("hard")
+    if d.mode == "cached":
+        return make_loss("cached", d.T, d.alpha, job.num_classes)
+    from pipeline.teacher_ensemble import TeacherEnsemble
 
-    return loss_fn
+    return make_loss("online", d.T, d.alpha, job.num_classes, d.target, TeacherEnsemble(d.teacher, device=device))
 
 
 def chunk_iterator(it, loader: dict, local_bs: int, seed: int, rank: int, device: Any):
@@ -474,21 +483,10 @@ def val_evaluator(it, device: Any, batch_size: int = 4096, keep: bool = False):
 
 
 def train_loop(config: dict) -> None:
-    """Per-worker function of `fit`: supervised (or, via `make_loss`, distillation) training on the
-    one training core (`pipeline.training.TrainState` / `run_epochs`).
-
-    config keys:
-      name            label of the progress lines ("teacher")
-      model, input_shape, num_classes   what `pipeline.models.build_model` takes
-      train           TrainConfig dict: epochs, batch_size (global), optimizer, lr, schedule, ...,
-                      checkpoint_every, checkpoint_every_steps, precision
-      steps_per_epoch optimizer steps per epoch (the same on every rank), local_bs per-rank batch
-      start_epoch     the epoch the driver started the streams at (`latest_position`)
-      loader          LoaderConfig dict (chunk_rows, shuffle_rows, prefetch_chunks)
-      seed            seeds init, shuffling, dropout and jitter (per epoch and rank, so resumes repeat)
-      make_loss       optional callable(config) -> loss_fn(logits, batch); default cross-entropy
-    Data: datasets `train_{rank}` and `val_{rank}` (`build_datasets`), read with
-    `get_dataset_shard(...).iter_torch_batches`.
+    """Per-worker function of `fit`: supervised or distillation training on the one training core
+    (`pipeline.training.TrainState` / `run_epochs`). config = {"job": TrainJob} (every field is
+    documented on `pipeline.jobs.TrainJob`). Data: datasets `train_{rank}` and `val_{rank}`
+    (`build_datasets`), read with `get_dataset_shard(...).iter_torch_batches`.
     """
     import ray.train
     import ray.train.torch
@@ -499,18 +497,19 @@ def train_loop(config: dict) -> None:
     _quiet_ray_train_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    name = config.get("name", "train")
-    tcfg = dict(config["train"])
+    job: TrainJob = config["job"]
+    name = job.name
+    tcfg = dict(job.train)
     epochs = int(tcfg["epochs"])
-    seed = int(config.get("seed", 0))
-    fault = config.get("_fault") or {}
+    seed = int(job.seed)
+    fault = dict(job.fault)
     device = ray.train.torch.get_device()
-    steps = int(config["steps_per_epoch"])
-    local_bs = int(config["local_bs"])
+    steps = int(job.steps_per_epoch)
+    local_bs = int(job.local_bs)
 
     torch.manual_seed(seed)
-    spec = config["model"]
-    model = models.build_model(spec, config["input_shape"], config["num_classes"])
+    spec = job.model
+    model = models.build_model(spec, job.input_shape, job.num_classes)
     state = training.TrainState(model, tcfg, steps, epochs, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -527,22 +526,22 @@ def train_loop(config: dict) -> None:
 
     # DDP wraps the model after it is on its device and after the optimizer state was loaded there.
     state.model = ray.train.torch.prepare_model(state.model)
-    loss_fn = (config.get("make_loss") or cross_entropy_loss)(config)
+    loss_fn = _loss_for(job, device)
     train_it = ray.train.get_dataset_shard(f"train_{rank}")
     try:
         val_it = ray.train.get_dataset_shard(f"val_{rank}")
     except (KeyError, ValueError):
         val_it = None
-    chunks = chunk_iterator(train_it, config["loader"], local_bs, seed, rank, device)
+    chunks = chunk_iterator(train_it, job.loader, local_bs, seed, rank, device)
     batches = training.epoch_minibatches(chunks, local_bs, steps, state.next_epoch, int(state.meta.get("step") or 0),
-                                         seed, rank, window=int(config["loader"]["shuffle_rows"]) or local_bs)
+                                         seed, rank, window=int(job.loader["shuffle_rows"]) or local_bs)
 
     def save(st: "training.TrainState", metrics: dict) -> None:
         # Every rank reports (Ray Train needs all); rank 0 attaches the checkpoint folder.
         with tempfile.TemporaryDirectory(prefix=f"{name}-ckpt-") as d:
             ckpt = None
             if rank == 0:
-                st.save(d, spec, config["input_shape"], config["num_classes"])
+                st.save(d, spec, job.input_shape, job.num_classes)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, SCORE: metrics["val_error"]}, checkpoint=ckpt)
         if fault.get("stop_after_epoch") is not None and not st.meta["done"] and "step" not in metrics \
@@ -558,7 +557,7 @@ def train_loop(config: dict) -> None:
 
     try:
         training.run_epochs(state, batches, loss_fn,
-                            evaluate=val_evaluator(val_it, device, keep=rank in config.get("val_keep", [])),
+                            evaluate=val_evaluator(val_it, device, keep=rank in job.val_keep),
                             reduce=lambda v: _all_reduce(v, device), checkpoint=save, report=report,
                             log=_progress, name=name, seed=seed, rank=rank)
     except Exception as e:

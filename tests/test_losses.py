@@ -1,6 +1,6 @@
 """KD losses against an independent float64 numpy reference, and the paper's gradient properties.
 
-`kd_loss` is tested directly and through `pipeline.stages.student.make_loss`, the loss_fn the student
+`kd_loss` is tested directly and through `pipeline.losses.make_loss`, the loss_fn the student
 and every tuning trial train with."""
 import math
 
@@ -201,9 +201,9 @@ def test_topk_without_tail_mass_is_finite():
 
 
 def test_production_batch_losses_are_kd_loss_on_the_batch(logits):
-    """`student.make_loss` (what the student and tuning trials train with) is `kd_loss` on the
+    """`losses.make_loss` (what the student and tuning trials train with) is `kd_loss` on the
     batch's cached targets: dense, top-k densified by `topk_to_dense`, and unlabelled (y = -1)."""
-    from pipeline.stages.student import make_loss
+    from pipeline.losses import make_loss
 
     zs, zt, y = logits
     assert cross_entropy_loss(zs, {"y": y}).item() == pytest.approx(F.cross_entropy(zs, y).item())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cache, layout, models, runner, storage
+from pipeline import cache, layout, losses, models, runner, storage
 from pipeline.errors import UserError
 from pipeline.losses import kd_loss
 from pipeline.stages import student
@@ -55,16 +55,16 @@ def test_online_and_cached_give_the_same_loss_on_the_same_batch(small_cache, tar
     batch = _batch(data)
     ensemble = TeacherEnsemble(resolve_from_config(cfg))
     torch.manual_seed(0)
-    logits = torch.randn(len(batch["x"]), job["num_classes"], requires_grad=True)
-    cached = student.make_loss("cached", 3.0, 0.7, job["num_classes"])(logits, batch)
-    online_fn = student.make_loss("online", 3.0, 0.7, job["num_classes"], target, ensemble)
+    logits = torch.randn(len(batch["x"]), job.num_classes, requires_grad=True)
+    cached = losses.make_loss("cached", 3.0, 0.7, job.num_classes)(logits, batch)
+    online_fn = losses.make_loss("online", 3.0, 0.7, job.num_classes, target, ensemble)
     online = online_fn(logits, {k: v for k, v in batch.items() if k != "teacher"})
     torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-5)
     # ... and it is the KD loss against what the teacher says about these inputs, not a constant.
     g, e = ensemble(batch["x"])
     want = kd_loss(logits, e if target == "ensemble" else g, batch["y"], 3.0, 0.7)
     torch.testing.assert_close(cached, want, rtol=1e-5, atol=1e-5)
-    other = student.make_loss("cached", 1.0, 0.7, job["num_classes"])(logits, batch)
+    other = losses.make_loss("cached", 1.0, 0.7, job.num_classes)(logits, batch)
     assert abs(float(other.detach()) - float(cached.detach())) > 1e-4
 
 
@@ -79,10 +79,10 @@ def test_top_k_cache_gives_the_loss_of_its_dense_reconstruction(small_cache, tmp
     data = _joined(job, "ensemble")
     assert "teacher" not in data and data["teacher_topk_idx"].shape[1] == 2
     batch = _batch(data)
-    logits = torch.randn(len(batch["x"]), job["num_classes"])
-    got = student.make_loss("cached", 2.0, 0.5, job["num_classes"])(logits, batch)
+    logits = torch.randn(len(batch["x"]), job.num_classes)
+    got = losses.make_loss("cached", 2.0, 0.5, job.num_classes)(logits, batch)
     dense = cache.topk_to_dense(batch["teacher_topk_idx"], batch["teacher_topk_val"], batch["teacher_tail"],
-                                job["num_classes"])
+                                job.num_classes)
     torch.testing.assert_close(got, kd_loss(logits, dense, batch["y"], 2.0, 0.5))
     assert torch.isfinite(got)
 

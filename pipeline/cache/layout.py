@@ -170,7 +170,7 @@ def _topk(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def topk_to_dense(idx: Any, val: Any, tail: Any, num_classes: int):
     """Dense (B, C) log-probabilities from top-k fields, the tail mass spread uniformly.
 
-    The one densifier: the student's cached loss (`pipeline.stages.student.dense_teacher`) and every
+    The one densifier: the student's cached loss (`pipeline.losses.dense_teacher`) and every
     test use it. Works on numpy arrays or torch tensors (returns the same kind, float32). Class c
     outside the top k gets log(tail mass / (C - k)); see the module docstring for the bias this
     introduces.

@@ -55,6 +55,7 @@ from typing import Any, Callable, Optional
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.jobs import Distill, StudentJob, TrainJob
 from pipeline.layout import METRICS_FILE, marker_fingerprint, read_metrics, read_tune_best
 
 NEEDS_RAY = True
@@ -128,7 +129,7 @@ STUDENTS = ("baseline", "distilled_generalist", "distilled")
 TARGET_OF = {"distilled": "ensemble", "distilled_generalist": "generalist"}
 
 
-def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[dict] = None) -> dict:
+def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[dict] = None) -> StudentJob:
     from pipeline.data import shards
     from pipeline.stages.teacher import model_input_shape
 
@@ -138,101 +139,41 @@ def student_job(cfg: Config, epochs: Optional[int] = None, manifest: Optional[di
     train = s.train_dict()
     if epochs is not None:
         train["epochs"] = int(epochs)
-    return {
-        "data_uri": cfg.stage_uri("data"),
-        "cache_uri": cfg.stage_uri("targets"),
-        "transfer_split": cfg.data.transfer_split,
-        "target": s.target,
-        "model": s.model.spec(),
-        "input_shape": model_input_shape(s.augment, manifest),
-        "manifest": manifest,
-        "augment": s.augment.model_dump() if s.augment is not None else None,
-        "num_classes": int(manifest["num_classes"]),
-        "train": train,
-        "epochs": int(train["epochs"]),
-        "seed": int(cfg.seed),
-        "cpus": s.cpus_per_worker,
-        "gpus": 1 if s.use_gpu else 0,
-        "loader": cfg.data.loader.model_dump(),
-    }
+    return StudentJob(
+        data_uri=cfg.stage_uri("data"),
+        cache_uri=cfg.stage_uri("targets"),
+        transfer_split=cfg.data.transfer_split,
+        target=s.target,
+        model=s.model.spec(),
+        input_shape=tuple(model_input_shape(s.augment, manifest)),
+        manifest=manifest,
+        augment=s.augment.model_dump() if s.augment is not None else None,
+        num_classes=int(manifest["num_classes"]),
+        train=train,
+        epochs=int(train["epochs"]),
+        seed=int(cfg.seed),
+        cpus=int(s.cpus_per_worker),
+        gpus=1 if s.use_gpu else 0,
+        loader=cfg.data.loader.model_dump(),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Data and losses (used by Ray Train workers, Tune trials, tests and bench)
 
 
-def train_entries(job: dict, kind: str, target: Optional[str] = None) -> list[dict]:
+def train_entries(job: StudentJob, kind: str, target: Optional[str] = None) -> list[dict]:
     """What a student streams (`pipeline.datasets`): the cache joined with its inputs (cached
     distillation), or the dataset's shards (hard labels: train; online distillation: the transfer set)."""
     from pipeline import datasets
 
     if kind == "cached":
-        return datasets.cache_items(job["cache_uri"], target or job["target"], data_uri=job["data_uri"])
-    split = "train" if kind == "hard" else job["transfer_split"]
-    return datasets.split_items(job["data_uri"], split)
+        return datasets.cache_items(job.cache_uri, target or job.target, data_uri=job.data_uri)
+    split = "train" if kind == "hard" else job.transfer_split
+    return datasets.split_items(job.data_uri, split)
 
 
-def dense_teacher(batch: dict, num_classes: int):
-    """The batch's teacher targets as dense (B, C) logits / log-probabilities (top-k: tail spread)."""
-    from pipeline.cache import topk_to_dense
-
-    if "teacher" in batch:
-        return batch["teacher"]
-    return topk_to_dense(batch["teacher_topk_idx"], batch["teacher_topk_val"], batch["teacher_tail"], num_classes)
-
-
-class _Labels:
-    """Whether the transfer set is labelled, decided on its first batch (one host sync per run):
-    unlabelled rows carry y = -1 and then only the soft term is trained."""
-
-    def __init__(self):
-        self.labelled: Optional[bool] = None
-
-    def __call__(self, batch: dict):
-        y = batch.get("y")
-        if y is None:
-            return None
-        if self.labelled is None:
-            self.labelled = bool((y >= 0).all())
-        return y.long() if self.labelled else None
-
-
-def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 0, target: str = "ensemble",
-              ensemble: Any = None) -> Callable:
-    """loss_fn(student_logits, batch) for the training core (`pipeline.training.run_epochs`).
-
-    kind: "hard" (cross-entropy with batch["y"]), "cached" (the KD loss `pipeline.losses.kd_loss`
-    against the batch's cached targets: the teacher's softmax at T is computed per batch on the
-    device) or "online" (KD against `ensemble(batch["x"])`, a `TeacherEnsemble`, run on every batch).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from pipeline.losses import kd_loss
-
-    if kind == "hard":
-        return lambda logits, batch: F.cross_entropy(logits, batch["y"].long())
-    labels = _Labels()
-    if kind == "cached":
-        def cached(logits, batch):
-            return kd_loss(logits, dense_teacher(batch, num_classes), labels(batch), T, alpha)
-
-        return cached
-    if kind == "online":
-        if ensemble is None:
-            raise ValueError("online distillation needs the teacher ensemble")
-        which = 1 if target == "ensemble" else 0
-
-        def online(logits, batch):
-            with torch.no_grad():
-                teacher = ensemble(batch["x"])[which].to(logits.device)
-            return kd_loss(logits, teacher, labels(batch), T, alpha)
-
-        return online
-    raise ValueError(f"unknown loss kind {kind!r}")
-
-
-def train_in_process(job: dict, kind: str, T: float = 1.0, alpha: float = 0.0, lr: Optional[float] = None,
+def train_in_process(job: StudentJob, kind: str, T: float = 1.0, alpha: float = 0.0, lr: Optional[float] = None,
                      epochs: Optional[int] = None, seed: Optional[int] = None,
                      report: Optional[Callable[[dict], None]] = None, ensemble: Any = None,
                      device: Any = "cpu", target: Optional[str] = None) -> tuple[Any, list[dict]]:
@@ -244,27 +185,28 @@ def train_in_process(job: dict, kind: str, T: float = 1.0, alpha: float = 0.0, l
     import torch
 
     from pipeline import datasets, models, ray_train, training
+    from pipeline.losses import make_loss
 
-    tcfg = dict(job["train"])
+    tcfg = dict(job.train)
     if lr is not None:
         tcfg["lr"] = float(lr)
-    epochs = int(epochs or job["epochs"])
+    epochs = int(epochs or job.epochs)
     tcfg["epochs"] = epochs
-    seed = int(job["seed"] if seed is None else seed)
-    loader = job["loader"]
+    seed = int(job.seed if seed is None else seed)
+    loader = job.loader
     bs = int(tcfg["batch_size"])
     entries = train_entries(job, kind, target)
     steps = ray_train.steps_per_epoch([entries], bs)
     # A cached student sees the deterministic view its targets were computed on (docs/data.md).
-    view = {"manifest": job.get("manifest"), "augment": job.get("augment"), "train": kind != "cached", "seed": seed}
+    view = {"manifest": job.manifest, "augment": job.augment, "train": kind != "cached", "seed": seed}
     stream = datasets.training_stream(entries, 0, epochs, seed, loader["read_cpus"], loader["read_concurrency"],
                                       loader["group_rows"], view)
-    val = datasets.from_items(datasets.group_items(datasets.split_items(job["data_uri"], "val"), loader["group_rows"]),
+    val = datasets.from_items(datasets.group_items(datasets.split_items(job.data_uri, "val"), loader["group_rows"]),
                               loader["read_cpus"], loader["read_concurrency"], dict(view, train=False))
     torch.manual_seed(seed)
-    model = models.build_model(job["model"], job["input_shape"], job["num_classes"])
+    model = models.build_model(job.model, job.input_shape, job.num_classes)
     state = training.TrainState(model, tcfg, steps, epochs, device)
-    loss_fn = make_loss(kind, T, alpha, job["num_classes"], target or job["target"], ensemble)
+    loss_fn = make_loss(kind, T, alpha, job.num_classes, target or job.target, ensemble)
     chunks = ray_train.chunk_iterator(stream.iterator(), loader, bs, seed, 0, device)
     batches = training.epoch_minibatches(chunks, bs, steps, 0, 0, seed, 0, window=int(loader["shuffle_rows"]) or bs)
     history: list[dict] = []
@@ -277,7 +219,7 @@ def train_in_process(job: dict, kind: str, T: float = 1.0, alpha: float = 0.0, l
         if report is not None:
             report(out)
 
-    val_bytes = sum(int(e.get("bytes") or 0) for e in datasets.split_items(job["data_uri"], "val"))
+    val_bytes = sum(int(e.get("bytes") or 0) for e in datasets.split_items(job.data_uri, "val"))
     keep = val_bytes <= int(loader["materialize_mb"]) * (1 << 20)
     training.run_epochs(state, batches, loss_fn, evaluate=ray_train.val_evaluator(val.iterator(), device, keep=keep),
                         report=on_epoch, name=f"student-{kind}", seed=seed)
@@ -288,42 +230,26 @@ def train_in_process(job: dict, kind: str, T: float = 1.0, alpha: float = 0.0, l
     return model, history
 
 
-# ------------------------------------------------------------------------------------------------
-# Ray Train hooks (module-level so they pickle by reference)
-
-
-def make_loss_cached(config: dict) -> Callable:
-    return make_loss("cached", config["T"], config["alpha"], config["num_classes"])
-
-
-def make_loss_online(config: dict) -> Callable:
-    import ray.train.torch
-
-    from pipeline.teacher_ensemble import TeacherEnsemble
-
-    ensemble = TeacherEnsemble(config["teacher_spec"], device=ray.train.torch.get_device())
-    return make_loss("online", config["T"], config["alpha"], config["num_classes"], config["target"], ensemble)
-
-
-def _loop_config(cfg: Config, job: dict, which: str, hp: Optional[dict]) -> tuple[dict, list[dict]]:
-    """(loop config, training shard entries) of one student's Ray Train job."""
-    lc = dict(job)
-    lc["name"] = f"student-{which}"
+def _train_job(cfg: Config, job: StudentJob, which: str, hp: Optional[dict]) -> tuple[TrainJob, list[dict]]:
+    """(Ray Train job, training shard entries) of one student."""
+    tj = TrainJob(name=f"student-{which}", model=job.model, input_shape=job.input_shape,
+                  num_classes=job.num_classes, train=dict(job.train), seed=job.seed, loader=job.loader)
     if which == "baseline":
-        return lc, train_entries(job, "hard")
+        return tj, train_entries(job, "hard")
     target = TARGET_OF[which]
-    lc["train"] = dict(job["train"], lr=hp["lr"])
-    lc.update({"T": hp["T"], "alpha": hp["alpha"], "target": target})
-    if cfg.student.mode == "cached":
-        lc["make_loss"] = make_loss_cached
-        return lc, train_entries(job, "cached", target)
-    from pipeline.teacher_ensemble import resolve_from_config
+    mode = cfg.student.mode
+    teacher = None
+    if mode != "cached":
+        from pipeline.teacher_ensemble import resolve_from_config
 
-    lc.update({"make_loss": make_loss_online, "teacher_spec": resolve_from_config(cfg)})
-    return lc, train_entries(job, "online")
+        teacher = resolve_from_config(cfg)
+    tj = tj.replace(train=dict(job.train, lr=hp["lr"]),
+                    distill=Distill(T=hp["T"], alpha=hp["alpha"], target=target, mode=mode, teacher=teacher))
+    return tj, train_entries(job, "cached" if mode == "cached" else "online", target)
 
 
-def _train_and_evaluate(cfg: Config, lc: dict, entries: list[dict], run_name: str, prefix: str) -> tuple[Any, dict]:
+def _train_and_evaluate(cfg: Config, job: StudentJob, tj: TrainJob, entries: list[dict], run_name: str,
+                        prefix: str) -> tuple[Any, dict]:
     """One student through Ray Train, then on test: (model at its best val epoch, metrics entry).
 
     The Ray Train run lives in `student/ray/{run_name}`: rerunning an interrupted stage resumes it
@@ -337,22 +263,22 @@ def _train_and_evaluate(cfg: Config, lc: dict, entries: list[dict], run_name: st
     ray_train.remove_other_runs(ray_uri, run_name, prefix)
     from pipeline.stages.teacher import transform_spec
 
-    view = transform_spec(cfg.student.augment, lc["manifest"], train_view="T" not in lc or cfg.student.mode != "cached")
-    extra, dsets = ray_train.data_parallel_job(entries, datasets.split_items(lc["data_uri"], "val"), cfg.student,
-                                               lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, run_name, view)
-    lc = dict(lc, **extra)
-    result = ray_train.fit(ray_train.train_loop, lc, cfg.student, ray_uri, run_name, cfg.student.max_failures,
-                           datasets=dsets)
+    # A cached student sees the deterministic view its targets were computed on (docs/data.md).
+    cached = tj.distill is not None and tj.distill.mode == "cached"
+    view = transform_spec(cfg.student.augment, job.manifest, train_view=not cached)
+    tj, dsets = ray_train.data_parallel_job(tj, entries, datasets.split_items(job.data_uri, "val"), cfg.student,
+                                            cfg.data.loader, ray_uri, run_name, view)
+    result = ray_train.fit(tj, cfg.student, ray_uri, run_name, cfg.student.max_failures, datasets=dsets)
     best, best_meta, _last, last_meta = ray_train.best_and_last(result)
     with best.as_directory() as d:
         model, _ = models.load_checkpoint(d)
     seconds = time.perf_counter() - t0
     # Scored from the student's folder by model replicas on Ray workers; `run` saves it there again
     # with this entry in its model.json.
-    ckpt_uri = storage.join(cfg.stage_uri("student"), lc["name"].split("-", 1)[1])
-    models.save_checkpoint(ckpt_uri, model, lc["model"], lc["input_shape"], lc["num_classes"],
-                           extra={"stage": "student", "kind": lc["name"], "evaluating": True})
-    ev = evaluate_saved(cfg, ckpt_uri, lc["data_uri"], "test", cfg.student.augment)
+    ckpt_uri = storage.join(cfg.stage_uri("student"), tj.name.split("-", 1)[1])
+    models.save_checkpoint(ckpt_uri, model, tj.model, tj.input_shape, tj.num_classes,
+                           extra={"stage": "student", "kind": tj.name, "evaluating": True})
+    ev = evaluate_saved(cfg, ckpt_uri, job.data_uri, "test", cfg.student.augment)
     history = last_meta["history"]
     entry = {
         "test_error": ev["test_error"], "test_errors": ev["test_errors"], "test_samples": ev["n"],
@@ -360,7 +286,7 @@ def _train_and_evaluate(cfg: Config, lc: dict, entries: list[dict], run_name: st
         "best_epoch": int(best_meta["epoch"]), "best_val_error": best_meta["val_error"],
         "epochs": history, "epochs_run": len(history), "starts": last_meta.get("starts", []),
         "train_seconds": round(sum(e["seconds"] for e in history), 3), "wall_time_s": round(seconds, 3),
-        "lr": float(lc["train"]["lr"]),
+        "lr": float(tj.train["lr"]),
     }
     return model, entry
 
@@ -479,15 +405,15 @@ def run(cfg: Config) -> dict:
         else:
             log(f"student: training the {which} student ({what}), {s.num_workers} Ray Train worker(s), "
                 f"{s.epochs} epochs")
-            lc, entries = _loop_config(cfg, job, which, hp)
-            model, entry = _train_and_evaluate(cfg, lc, entries, f"{which}-{run_fp}", which + "-")
+            tj, entries = _train_job(cfg, job, which, hp)
+            model, entry = _train_and_evaluate(cfg, job, tj, entries, f"{which}-{run_fp}", which + "-")
             if which != "baseline":
                 entry.update({"T": hp["T"], "alpha": hp["alpha"], "target": TARGET_OF[which], "mode": s.mode,
                               "hyperparameters_from": hp["source"]})
                 if "tune_val_error" in hp:
                     entry["tune_val_error"] = hp["tune_val_error"]
             # The evaluated entry rides in model.json: a rerun with the same inputs reuses both.
-            models.save_checkpoint(ckpt_uri, model, job["model"], job["input_shape"], job["num_classes"],
+            models.save_checkpoint(ckpt_uri, model, job.model, job.input_shape, job.num_classes,
                                    extra={"stage": "student", "kind": which, "fingerprint": run_fp, "metrics": entry})
         results[which] = entry
         trained[which] = model
@@ -497,7 +423,7 @@ def run(cfg: Config) -> dict:
     distilled = trained["distilled"]
     meta = models.read_checkpoint_meta(storage.join(out, "distilled"))
     exp = export.export_student(distilled, meta, storage.join(out, "export"))
-    lat = latencies(cfg, distilled, job["input_shape"])
+    lat = latencies(cfg, distilled, job.input_shape)
     teacher_metrics = read_metrics(cfg, "teacher")
     spec_metrics = read_metrics(cfg, "specialists")
     b, d, dg = results["baseline"], results["distilled"], results["distilled_generalist"]

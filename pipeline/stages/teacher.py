@@ -17,6 +17,7 @@ import time
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.jobs import TrainJob
 from pipeline.layout import METRICS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
@@ -46,22 +47,11 @@ def transform_spec(augment, manifest: dict, train_view: bool = True) -> dict:
             "train_view": train_view}
 
 
-def loop_config(cfg: Config, manifest: dict) -> dict:
-    """What every Ray Train worker needs to train the generalist (plain data, picklable)."""
-    from pipeline import ray_train
-
+def train_job(cfg: Config, manifest: dict) -> TrainJob:
+    """What every Ray Train worker needs to train the generalist (`pipeline.ray_train.train_loop`)."""
     tc = cfg.teacher
-    return {
-        "name": "teacher",
-        "data_uri": ray_train.worker_uri(cfg.stage_uri("data")),
-        "train_split": "train",
-        "val_split": "val",
-        "model": tc.model.spec(),
-        "input_shape": model_input_shape(tc.augment, manifest),
-        "num_classes": int(manifest["num_classes"]),
-        "train": tc.train_dict(),
-        "seed": int(cfg.seed),
-    }
+    return TrainJob(name="teacher", model=tc.model.spec(), input_shape=tuple(model_input_shape(tc.augment, manifest)),
+                    num_classes=int(manifest["num_classes"]), train=tc.train_dict(), seed=int(cfg.seed))
 
 
 def _check_data(cfg: Config, manifest: dict) -> None:
@@ -107,16 +97,15 @@ def run(cfg: Config) -> dict:
     name = RUN_PREFIX + fingerprint(cfg)
     # Checkpoints of an earlier config must not be resumed (other model, other data); drop them.
     ray_train.remove_other_runs(ray_uri, name, RUN_PREFIX)
-    lc = loop_config(cfg, manifest)
     from pipeline import datasets
 
-    extra, dsets = ray_train.data_parallel_job(
-        datasets.split_items(lc["data_uri"], "train", manifest), datasets.split_items(lc["data_uri"], "val", manifest),
-        tc, lc["train"], cfg.data.loader, int(cfg.seed), ray_uri, name, transform_spec(tc.augment, manifest))
-    lc.update(extra)
-    log(f"teacher: {lc['model']['arch']} on {manifest['splits']['train']['num_samples']} train samples, "
+    job, dsets = ray_train.data_parallel_job(
+        train_job(cfg, manifest), datasets.split_items(data_uri, "train", manifest),
+        datasets.split_items(data_uri, "val", manifest), tc, cfg.data.loader, ray_uri, name,
+        transform_spec(tc.augment, manifest))
+    log(f"teacher: {job.model['arch']} on {manifest['splits']['train']['num_samples']} train samples, "
         f"{tc.num_workers} Ray Train worker(s), {tc.epochs} epochs; checkpoints in {storage.join(ray_uri, name)}")
-    result = ray_train.fit(ray_train.train_loop, lc, tc, ray_uri, name, tc.max_failures, datasets=dsets)
+    result = ray_train.fit(job, tc, ray_uri, name, tc.max_failures, datasets=dsets)
     best, best_meta, _last, last_meta = ray_train.best_and_last(result)
     train_seconds = time.perf_counter() - t0
 
@@ -128,9 +117,9 @@ def run(cfg: Config) -> dict:
     extra = {"stage": "teacher", "epoch": best_epoch, "val_error": best_val}
     # Saved first (the replicas that score it read it from the run directory), then again with its
     # test error: the weights, and so their sha256 and every downstream fingerprint, do not change.
-    models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"], extra=extra)
+    models.save_checkpoint(out, model, job.model, job.input_shape, job.num_classes, extra=extra)
     ev = evaluate_saved(cfg, out, data_uri, "test", tc.augment)
-    models.save_checkpoint(out, model, lc["model"], lc["input_shape"], lc["num_classes"],
+    models.save_checkpoint(out, model, job.model, job.input_shape, job.num_classes,
                            extra={**extra, "test_error": ev["test_error"]})
     history = last_meta["history"]
     metrics = {
@@ -147,7 +136,7 @@ def run(cfg: Config) -> dict:
         "train_seconds": round(sum(e["seconds"] for e in history), 3),
         "wall_time_s": round(time.perf_counter() - t0, 3),
         "num_workers": tc.num_workers,
-        "model": models.resolve_spec(lc["model"]),
+        "model": models.resolve_spec(job.model),
         "ray_run": storage.join(ray_uri, name),
     }
     storage.write_json_atomic(storage.join(out, METRICS_FILE), metrics)

@@ -45,6 +45,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import Config, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.jobs import StudentJob
 from pipeline.layout import BEST_FILE, METRICS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
@@ -105,14 +106,14 @@ def num_trials(cfg: Config) -> int:
 # The trial (runs in a Ray worker)
 
 
-def _trainable(config: dict, job: dict) -> None:
+def _trainable(config: dict, job: "StudentJob") -> None:
     import torch
     from ray import tune
 
     from pipeline.stages.student import train_in_process
 
-    torch.set_num_threads(max(1, int(job["cpus"])))
-    device = "cuda" if job["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, int(job.cpus)))
+    device = "cuda" if job.gpus > 0 and torch.cuda.is_available() else "cpu"
 
     def report(row: dict) -> None:
         tune.report({"val_error": row["val_error"], "best_val_error": row["best_val_error"],
@@ -122,7 +123,7 @@ def _trainable(config: dict, job: dict) -> None:
     # The trial streams the cache joined with its inputs through Ray Data, like the student stage's
     # workers: the driver loads no data and no trial holds the transfer set.
     train_in_process(job, kind="cached", T=float(config["T"]), alpha=float(config["alpha"]),
-                     lr=float(config["lr"]), epochs=job["epochs"], seed=int(config["seed"]), report=report,
+                     lr=float(config["lr"]), epochs=job.epochs, seed=int(config["seed"]), report=report,
                      device=device)
 
 
@@ -171,9 +172,8 @@ def run(cfg: Config) -> dict:
     # no data), so a missing or unreadable cache would otherwise fail every trial separately.
     from pipeline import datasets
 
-    datasets.cache_items(job["cache_uri"], job["target"], data_uri=job["data_uri"])
-    job["cpus"] = tc.cpus_per_trial
-    job["gpus"] = tc.gpus_per_trial
+    datasets.cache_items(job.cache_uri, job.target, data_uri=job.data_uri)
+    job = job.replace(cpus=int(tc.cpus_per_trial), gpus=tc.gpus_per_trial)
     n = num_trials(cfg)
     t0 = time.perf_counter()
 
