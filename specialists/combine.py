@@ -17,8 +17,9 @@ dustbin). Two solvers, both batched over samples:
   by the same factor, q_c = s_b p^g_c, so only U_b (in float64 by default) and one scalar s_b per
   sample are iterated; everything over all C classes stays in the input dtype and is done in three
   passes with no (B, C) temporary beside the output: the top-n classes (max), one chunked pass for
-  each row's logsumexp and its mass outside U_b, and the write of log q = z - lse_b + log s_b. A
-  sample with one active specialist has a closed form (the iteration's first step). The classes of
+  each row's mass outside U_b (lse = log(outside + inside)), and the write of
+  log q = z - lse_b + log s_b. A sample with one active specialist has a closed form (the
+  iteration's first step), computed in the input dtype. The classes of
   a multi-specialist union fall into a few cells by which subsets hold them, and the iterates are
   q_c = A(cell) * (p^g_c + sum_{m: c in S^m} p^m_c) + B(cell) * p^g_c, so an iteration updates a few
   numbers per cell, not per class. Convergence is checked on the device every `check_every`
@@ -61,6 +62,8 @@ class SubsetIndex:
         sizes: (M,) subset sizes.
         padded: (M, Smax) int64 class indices, padded with 0.
         mask: (M, Smax) bool, True on real entries.
+        pos_rep: (M, Smax) int64 position in the subset, padded with 0 (its first class again).
+        padded_rep: (M, Smax) int64 class indices, padded with the subset's first class.
         member: (M, C) bool, member[m, c] iff c in S^m.
     """
 
@@ -88,6 +91,8 @@ class SubsetIndex:
             self.padded[m, : t.numel()] = t
             self.mask[m, : t.numel()] = True
             self.member[m, t] = True
+        self.pos_rep = torch.arange(smax, device=device).expand(len(tensors), smax) * self.mask
+        self.padded_rep = self.padded.gather(1, self.pos_rep)
 
     @classmethod
     def of(cls, subsets: SubsetsLike, num_classes: int, device: Union[str, torch.device] = "cpu") -> "SubsetIndex":
@@ -111,9 +116,30 @@ def active_mask(p_g: torch.Tensor, subsets: SubsetsLike, top_n: int = 1) -> torc
     """
     idx = SubsetIndex.of(subsets, p_g.shape[1], p_g.device)
     n = max(1, min(int(top_n), p_g.shape[1]))
-    # For the paper's n = 1, max() is several times faster than topk(1) or argmax() on wide rows.
-    top = p_g.max(dim=1, keepdim=True).indices if n == 1 else p_g.topk(n, dim=1).indices  # (B, n)
+    top = _top1(p_g)[1] if n == 1 else p_g.topk(n, dim=1).indices  # (B, n)
     return idx.member[:, top].any(dim=2).T.contiguous()    # (M, B, n) -> (B, M)
+
+
+def _top1(z: torch.Tensor, width: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) row maxima and (B, 1) index of each row's first maximum: `z.max(dim=1, keepdim=True)`.
+
+    On CPU `max` with indices runs scalar code, ~4x the vectorised `amax`, and `topk(1)` or `argmax`
+    cost more still; over wide rows this takes `amax` over blocks of `width` classes, then `max`
+    with indices over the first block holding the row maximum (the same index, ties included).
+    """
+    B, C = z.shape
+    if z.device.type != "cpu" or C < 8 * width or not z.is_contiguous() or not z.is_floating_point():
+        v, i = z.max(dim=1, keepdim=True)
+        return v.squeeze(1), i
+    nb = C // width
+    blocks = z[:, :nb * width].view(B, nb, width).amax(dim=2)                # (B, nb)
+    if nb * width < C:
+        blocks = torch.cat([blocks, z[:, nb * width:].amax(dim=1, keepdim=True)], dim=1)
+    zmax, blk = blocks.max(dim=1, keepdim=True)                              # first block with it
+    cols = (blk * width + torch.arange(width, device=z.device)).clamp_max_(C - 1)   # (B, width)
+    flat = cols + torch.arange(B, device=z.device)[:, None] * C
+    j = z.reshape(-1).index_select(0, flat.reshape(-1)).view(B, width).max(dim=1, keepdim=True).indices
+    return zmax.squeeze(1), cols.gather(1, j)
 
 
 @dataclass
@@ -167,28 +193,20 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x.view(-1)[idx] by `index_select` (several times faster than advanced indexing on CPU)."""
-    return x.reshape(-1).index_select(0, idx)
-
-
 @dataclass
-class _Entries:
-    """The active (sample, specialist) pairs, N of them, and their (pair, class) entries, nnz of them.
+class _Active:
+    """The active (sample, specialist) pairs, N of them, ordered by row then specialist, and their
+    classes as (N, Smax) tables (pair n's |S^m| classes left-aligned; shorter subsets padded by
+    repeating their first class, so a padded cell names a class of the pair and holds its value)."""
 
-    Rows are batch rows (not compacted); pairs are ordered by row, then specialist, so entries are
-    ordered by row too.
-    """
-
-    b: torch.Tensor        # (N,) row of each pair
-    m: torch.Tensor        # (N,) specialist of each pair
-    p_d: torch.Tensor      # (N,) specialist dustbin probability (compute dtype)
+    b: torch.Tensor         # (N,) row of each pair
+    m: torch.Tensor         # (N,) specialist of each pair
+    cls: torch.Tensor       # (N, Smax) class indices
+    flat: torch.Tensor      # (N, Smax) b * C + cls: the cell in a flat (B, C) tensor
+    probs: torch.Tensor     # (N, Smax) specialist probability of each class (compute dtype)
+    p_d: torch.Tensor       # (N,) specialist dustbin probability (compute dtype)
+    mask: Optional[torch.Tensor]  # (N, Smax) bool, True on real entries; None when no padding
     n_active: torch.Tensor  # (B,) |A_b|
-    e_pair: torch.Tensor   # (nnz,) pair of each entry
-    e_b: torch.Tensor      # (nnz,) row of each entry
-    e_c: torch.Tensor      # (nnz,) class of each entry
-    e_flat: torch.Tensor   # (nnz,) e_b * C + e_c: the entry's cell in a flat (B, C) tensor
-    e_p: torch.Tensor      # (nnz,) specialist probability of the entry's class (compute dtype)
     num_classes: int
 
 
@@ -220,27 +238,19 @@ def _gather_pairs(outputs: Sequence[torch.Tensor], sidx: SubsetIndex, active: to
     return b, m, rows
 
 
-def _entries(b: torch.Tensor, m: torch.Tensor, probs: torch.Tensor, sidx: SubsetIndex,
-             active: torch.Tensor) -> _Entries:
-    """Split (N, Smax + 1) specialist probabilities into per-entry values and dustbin masses."""
-    dev = b.device
-    N, width = probs.shape
+def _active_pairs(b: torch.Tensor, m: torch.Tensor, probs: torch.Tensor, sidx: SubsetIndex,
+                  active: torch.Tensor) -> _Active:
+    """The pairs' class tables from (N, Smax + 1) specialist probabilities (dustbin after the classes)."""
+    S = probs.shape[1] - 1
     sizes = sidx.sizes.index_select(0, m)
-    pair_ids = torch.arange(N, device=dev)
-    p_d = _take(probs, pair_ids * width + sizes)
-    if min(sidx.sizes_list) == width - 1:  # every subset of one size: no padding to skip
-        S = width - 1
-        e_pair = pair_ids[:, None].expand(N, S).reshape(-1)
-        e_c = sidx.padded.index_select(0, m).reshape(-1)
-        e_p = probs[:, :S].reshape(-1)
+    p_d = probs.gather(1, sizes[:, None]).squeeze(1)
+    if min(sidx.sizes_list) == S:  # every subset of one size: no padding
+        p_in, mask = probs[:, :S], None
     else:
-        e_pair = pair_ids.repeat_interleave(sizes)
-        j = torch.arange(e_pair.numel(), device=dev) - (torch.cumsum(sizes, 0) - sizes).index_select(0, e_pair)
-        e_c = _take(sidx.padded, m.index_select(0, e_pair) * sidx.padded.shape[1] + j)
-        e_p = _take(probs, e_pair * width + j)
-    e_b = b.index_select(0, e_pair)
-    return _Entries(b, m, p_d, active.sum(dim=1), e_pair, e_b, e_c, e_b * sidx.num_classes + e_c, e_p,
-                    sidx.num_classes)
+        p_in, mask = probs.gather(1, sidx.pos_rep.index_select(0, m)), sidx.mask.index_select(0, m)
+    cls = sidx.padded_rep.index_select(0, m)
+    return _Active(b, m, cls, b[:, None] * sidx.num_classes + cls, p_in, p_d, mask, active.sum(dim=1),
+                   sidx.num_classes)
 
 
 def _compact(keys: torch.Tensor, space: int) -> torch.Tensor:
@@ -256,210 +266,255 @@ def _compact(keys: torch.Tensor, space: int) -> torch.Tensor:
     return torch.unique(keys, return_inverse=True)[1]
 
 
-def _dedup(keys: torch.Tensor, space: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique slots of entry keys: (slot of each entry, one entry of each slot).
+def _dedup(keys: torch.Tensor, space: int, scratch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique slots of entry keys: (slot of each entry, first entry of each slot), slots in order of
+    their first entry. Keys lie in [0, space).
 
     Overlapping subsets of one row put a class in several entries, which must share one q value.
+    With `scratch`, a tensor of at least `space` elements of 4 or 8 bytes whose contents may be
+    destroyed (the output buffer before it is written), each key's cell in it records the key's
+    first entry: O(nnz) with no sort and no temporary of size `space`.
     """
     nnz = keys.numel()
+    dev = keys.device
+    if scratch is not None and scratch.element_size() in (4, 8) and scratch.numel() >= space and nnz < 2**31:
+        table = scratch.view(torch.int32 if scratch.element_size() == 4 else torch.int64).reshape(-1)
+        ids = torch.arange(nnz, dtype=table.dtype, device=dev)
+        table.scatter_reduce_(0, keys, ids, reduce="amin", include_self=False)
+        owner = table.index_select(0, keys).long()                     # (nnz,) first entry of its key
+        is_first = owner == ids.long()
+        first = is_first.nonzero().squeeze(1)
+        slot_of = torch.cumsum(is_first, 0) - 1                        # slot of each first entry
+        return slot_of.index_select(0, owner), first
     inv = _compact(keys, space)
-    first = torch.empty(int(inv.max()) + 1 if nnz else 0, dtype=torch.long, device=keys.device)
-    first.index_copy_(0, inv, torch.arange(nnz, device=keys.device))  # any entry of the slot will do
+    first = torch.full((int(inv.max()) + 1 if nnz else 0,), nnz, dtype=torch.long, device=dev)
+    first.scatter_reduce_(0, inv, torch.arange(nnz, device=dev), reduce="amin")
     return inv, first
 
 
-def _normalisers(z: torch.Tensor, zmax: torch.Tensor, ent: _Entries, cd: torch.dtype,
-                 chunk_elems: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over z: (lse, outside) per row and z on the entries, in `cd`.
+def _outside_pass(z: torch.Tensor, zmax: torch.Tensor, pr: _Active, shift: bool,
+                  chunk_elems: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over z: each row's sum of exp(z - shift) outside the union of its active subsets,
+    and z on the pairs' classes, both in z's dtype.
 
-    lse = logsumexp(z_b); outside = p_g's mass outside the union of row b's active subsets, summed
-    directly (not as 1 - inside: a union may hold nearly all the mass). By row chunks small enough
-    to stay in cache between their few operations; the only temporary is one chunk of exp(z - shift)
-    in z's dtype. The shift is the row maximum, or 0 when every row maximum lies in [-40, 75]
+    By row chunks small enough to stay in cache between their operations (gather the union's z,
+    exp, zero the union's entries, row sum); the only temporary is one chunk of exp(z - shift).
+    The shift is the row maximum, or 0 (`shift` False) when every row maximum lies in [-40, 75]
     (exp(z) then neither overflows nor loses anything but terms e^-47 below the row's largest).
     """
     B, C = z.shape
+    dev = z.device
     if chunk_elems is None:  # CPU: chunks that stay in L2 between their operations; GPU: large launches
-        chunk_elems = 1 << 18 if z.device.type == "cpu" else 1 << 24
-    lse = torch.empty(B, dtype=cd, device=z.device)
-    outside = torch.empty(B, dtype=cd, device=z.device)
-    z_e = torch.empty(ent.e_flat.numel(), dtype=z.dtype, device=z.device)
+        chunk_elems = 1 << 17 if dev.type == "cpu" else 1 << 24
+    raw_out = torch.empty(B, dtype=z.dtype, device=dev)
+    N, S = pr.cls.shape
+    z_in = torch.empty((N, S), dtype=z.dtype, device=dev)
     step = max(1, chunk_elems // max(1, C))
     starts = list(range(0, B, step))
-    # entries are sorted by row: each chunk's entries are one contiguous range
-    bounds = torch.searchsorted(ent.e_b, torch.tensor(starts + [B], device=z.device)).tolist()
-    shift = bool(((zmax < -40) | (zmax > 75)).any()) if B else False
-    buf = torch.empty((min(step, B), C), dtype=z.dtype, device=z.device)  # reused: no page faults per chunk
+    # pairs are sorted by row: each chunk's pairs are one contiguous range; local = within the chunk
+    bounds = torch.searchsorted(pr.b, torch.arange(0, B + step, step, device=dev).clamp_max_(B)).tolist()
+    local = pr.flat - (torch.div(pr.b, step, rounding_mode="floor") * (step * C))[:, None]
+    zflat = z.reshape(-1)
+    buf = torch.empty((min(step, B), C), dtype=z.dtype, device=dev)  # reused: no page faults per chunk
+    bflat = buf.view(-1)
     for n, i in enumerate(starts):
         zc = z[i:i + step]
-        e = buf[:zc.shape[0]]
+        rows = zc.shape[0]
+        e = buf[:rows]
         lo, hi = bounds[n], bounds[n + 1]
-        sel = ent.e_flat[lo:hi] - i * C
-        z_e[lo:hi] = zc.reshape(-1).index_select(0, sel)  # the chunk is in cache: a cheap gather
+        sel = local[lo:hi].reshape(-1)
+        if hi > lo:  # the chunk is in cache: a cheap gather
+            torch.index_select(zflat[i * C:(i + rows) * C], 0, sel, out=z_in[lo:hi].view(-1))
         if shift:
             torch.sub(zc, zmax[i:i + step, None], out=e).exp_()
-            base = zmax[i:i + step].to(cd)
         else:
             torch.exp(zc, out=e)
-            base = 0.0
-        s_all = e.sum(dim=1).to(cd)
-        e.put_(sel, torch.zeros(sel.numel(), dtype=e.dtype, device=e.device))
-        lse[i:i + step] = torch.log(s_all) + base
-        outside[i:i + step] = e.sum(dim=1).to(cd) / s_all
-    # Where the outside mass underflows z's dtype (every outside class ~87 nats below the top in
-    # float32), sum those rows again in `cd` with a per-row shift, so their tiny mass stays exact.
-    small = outside < torch.finfo(z.dtype).tiny * C * (1.0 if shift else 1e6)
-    if bool(small.any()):  # rare; one host sync
-        for r in small.nonzero().squeeze(1).tolist():
-            row = z[r].to(cd)
-            row[ent.e_c[ent.e_b == r]] = float("-inf")
-            outside[r] = torch.exp(torch.logsumexp(row, dim=0) - lse[r])
-    return lse, outside, z_e
+        bflat.index_fill_(0, sel, 0.0)
+        torch.sum(e, dim=1, out=raw_out[i:i + rows])
+    return raw_out, z_in
 
 
 class _MultiRows:
     """The MM iteration on the rows with several active specialists, in `cd`.
 
-    The union's classes of a row fall into cells by which of the row's active subsets hold them
-    (one cell for a class only in S^1, one for classes in S^1 and S^2, ...). Every class of a cell
-    has the same coefficient sum_{m: c not in S^m} a_m, so after t steps
-    q_c = A_t(cell) (p^g_c + sum_{m: c in S^m} p^m_c) + B_t(cell) p^g_c exactly, and an iteration
-    only updates (A, B) per cell and s per row: a few hundred numbers, however wide the subsets.
-    q itself is formed once at the end (`q_slots`).
+    The classes of a row fall into cells by which of the row's active subsets hold them: one cell
+    for the classes outside all of them, one for the classes only in S^1, one for those in S^1 and
+    S^2, ... Every class of a cell has the same coefficient coef = sum_{m: c not in S^m} a_m, so after
+    t steps q_c = A_t(cell) (p^g_c + sum_{m: c in S^m} p^m_c) + B_t(cell) p^g_c exactly (outside
+    the union A + B is the row's scale s), and an iteration only updates (A, B) per cell: a few
+    hundred numbers, however wide the subsets. Both sums an iteration needs run over the (cell,
+    pair) incidences with the pair's subset *not* holding the cell, so the dustbin mass of q^m is
+    summed directly, never as 1 - (mass inside S^m). q itself is formed once at the end (`q_slots`).
+
+    Args: pr; multi (P,) the pairs of rows with several; inv, first: `_dedup` of their (P, Smax)
+    entries; pg_u (U,) p^g on the slots; g_out (B,) p^g's mass outside each row's union.
     """
 
-    def __init__(self, ent: _Entries, em: torch.Tensor, lp_e: torch.Tensor, g_out: torch.Tensor, cd: torch.dtype):
-        dev = em.device
+    def __init__(self, pr: _Active, multi: torch.Tensor, inv: torch.Tensor, first: torch.Tensor,
+                 pg_u: torch.Tensor, g_out: torch.Tensor, cd: torch.dtype):
+        dev = multi.device
         self.cd, self.tiny = cd, torch.finfo(cd).tiny
-        multi_pair = ent.n_active.index_select(0, ent.b) > 1
-        pairs = multi_pair.nonzero().squeeze(1)                              # multi pairs, sorted by row
-        pair_no = torch.full((ent.b.numel(),), -1, dtype=torch.long, device=dev)
-        pair_no[pairs] = torch.arange(pairs.numel(), device=dev)
-        rows, row_of_pair, per_row = torch.unique_consecutive(ent.b.index_select(0, pairs), return_inverse=True,
+        S = pr.cls.shape[1]
+        rows, row_of_pair, per_row = torch.unique_consecutive(pr.b.index_select(0, multi), return_inverse=True,
                                                               return_counts=True)
-        R, P = rows.numel(), pairs.numel()
-        m_pair = pair_no.index_select(0, ent.e_pair.index_select(0, em))    # (nnz_m,) compact pair of each entry
-        # slots: unique (row, class) of the entries (overlapping subsets share one q value)
-        C = ent.num_classes
-        e_row = row_of_pair.index_select(0, m_pair)
-        inv, first = _dedup(e_row * C + ent.e_c.index_select(0, em), R * C)
-        U = first.numel()
-        u_first = em.index_select(0, first)
-        u_row = row_of_pair.index_select(0, m_pair.index_select(0, first))  # (U,) compact row of each slot
-        pg_u = lp_e.index_select(0, u_first).exp()
-        base_u = pg_u.clone().index_add_(0, inv, ent.e_p.index_select(0, em))  # p^g_c + sum_{m: c in S^m} p^m_c
-        # cells: (row, set of the row's pairs holding the class) as a bit mask of the pairs' ranks
-        rank = torch.arange(P, device=dev) - (torch.cumsum(per_row, 0) - per_row).index_select(0, row_of_pair)
+        R, P = rows.numel(), multi.numel()
+        pair_start = torch.cumsum(per_row, 0) - per_row
+        rank = torch.arange(P, device=dev) - pair_start.index_select(0, row_of_pair)  # pair's rank in its row
+        U = first.numel()                                                   # union slots (row, class)
+        u_row = row_of_pair.index_select(0, torch.div(first, S, rounding_mode="floor"))  # (U,) compact row
+        # per slot, in one scatter: sum_{m: c in S^m} p^m_c and the bit mask of the row's pairs
+        # holding the class (powers of two up to 2^40 add exactly in float64)
         nbits = int(per_row.max())
-        if nbits <= 40:
-            bits = torch.zeros(U, dtype=torch.long, device=dev).index_add_(
-                0, inv, torch.pow(2, rank.index_select(0, m_pair)))
-            cell_keys = u_row * (1 << nbits) + bits
+        src = torch.empty((P, S, 2), dtype=torch.float64, device=dev)
+        src[:, :, 0] = pr.probs.index_select(0, multi)
+        src[:, :, 1] = torch.pow(2.0, rank.to(torch.float64))[:, None] if nbits <= 40 else 0.0
+        if pr.mask is not None:  # padding repeats a class of the pair: count it once
+            src *= pr.mask.index_select(0, multi)[:, :, None]
+        acc = torch.zeros((U, 2), dtype=torch.float64, device=dev).index_add_(0, inv, src.view(-1, 2))
+        base_u = pg_u + acc[:, 0].to(cd)                                    # p^g_c + sum_{m: c in S^m} p^m_c
+        row_ids = torch.arange(R, device=dev)
+        if nbits <= 40:  # cells: (row, bits); bits 0 is the row's outside cell
+            keys = torch.cat([u_row * (1 << nbits) + acc[:, 1].long(), row_ids * (1 << nbits)])
+            cell_all = _compact(keys, R << nbits)
         else:  # too many active specialists for a bit mask: every slot its own cell (same iterates)
-            cell_keys = torch.arange(U, device=dev)
-        cell = _compact(cell_keys, R << nbits if nbits <= 40 else U)       # (U,) cell of each slot
-        NC = int(cell.max()) + 1
-        self.cell_row = torch.zeros(NC, dtype=torch.long, device=dev).scatter_(0, cell, u_row)
-        # (cell, pair) incidences: pair m holds the classes of the cell
-        inc_keys = cell.index_select(0, inv) * P + m_pair
-        inc = torch.zeros(NC * P, dtype=torch.bool, device=dev).index_fill_(0, inc_keys, True).nonzero().squeeze(1)
-        self.inc_cell, self.inc_pair = inc // P, inc % P
-        zeros = torch.zeros(NC, dtype=cd, device=dev)
-        self.s_base = zeros.clone().index_add_(0, cell, base_u)
-        self.s_pg = zeros.clone().index_add_(0, cell, pg_u)
-        self.max_base = zeros.clone().scatter_reduce_(0, cell, base_u, reduce="amax")
-        self.max_pg = zeros.clone().scatter_reduce_(0, cell, pg_u, reduce="amax")
-        self.A, self.B = zeros.clone(), torch.ones(NC, dtype=cd, device=dev)
-        self.s = torch.ones(R, dtype=cd, device=dev)
-        self.rows, self.row_of_pair, self.P, self.R = rows, row_of_pair, P, R
-        self.p_d = ent.p_d.index_select(0, pairs)
-        self.g_rows = g_out.index_select(0, rows)
-        self.denom = 1.0 + ent.n_active.index_select(0, rows).to(cd)
-        self.denom_cell = self.denom.index_select(0, self.cell_row)
-        self.cell, self.base_u, self.pg_u = cell, base_u, pg_u
-        self.u_flat = ent.e_flat.index_select(0, u_first)
+            keys = torch.cat([u_row * (U + 1) + 1 + torch.arange(U, device=dev), row_ids * (U + 1)])
+            cell_all = _compact(keys, R * (U + 1))
+        cell, cell_out = cell_all[:U], cell_all[U:]                          # slot -> cell, row -> outside cell
+        NC = int(cell_all.max()) + 1
+        cell_row = torch.zeros(NC, dtype=torch.long, device=dev).scatter_(0, cell_out, row_ids)
+        cell_row.scatter_(0, cell, u_row)
+        # which of its row's pairs hold each cell: (NC, nbits) table by the pair's rank
+        e_rank = rank[:, None].expand(P, S).reshape(-1)
+        held = torch.zeros(NC * nbits, dtype=torch.bool, device=dev).index_fill_(
+            0, cell.index_select(0, inv) * nbits + e_rank, True)
+        # (cell, pair) incidences with the pair's subset not holding the cell: every pair of the
+        # cell's row but those holding it
+        cnt = per_row.index_select(0, cell_row)
+        ci_cell = torch.arange(NC, device=dev).repeat_interleave(cnt)
+        j = torch.arange(ci_cell.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt).index_select(0, ci_cell)
+        keep = (~held.index_select(0, ci_cell * nbits + j)).nonzero().squeeze(1)
+        self.ci_cell = ci_cell.index_select(0, keep)
+        self.ci_pair = pair_start.index_select(0, cell_row.index_select(0, self.ci_cell)) + j.index_select(0, keep)
+        # per cell: sums of (base_c, p^g_c) over its classes; outside: p_g's outside mass
+        g_rows = g_out.index_select(0, rows)
+        vals = torch.stack([base_u, pg_u], dim=1)                           # (U, 2)
+        self.S = torch.zeros(NC, 2, dtype=cd, device=dev).index_add_(0, cell, vals)
+        self.S.index_copy_(0, cell_out, g_rows[:, None].expand(R, 2))
+        denom = 1.0 + pr.n_active.index_select(0, rows).to(cd).index_select(0, cell_row)  # (NC,)
+        self.inv_denom = (1.0 / denom)[:, None]
+        self.e0 = torch.tensor([1.0, 0.0], dtype=cd, device=dev) * self.inv_denom  # (NC, 2)
+        self.AB = torch.zeros(NC, 2, dtype=cd, device=dev)
+        self.AB[:, 1] = 1.0                                                  # q = p_g
+        self.p_d = pr.p_d.index_select(0, multi).to(cd)
+        self.rows, self.R, self.P, self.NC = rows, R, P, NC
+        self.cell, self.cell_out, self.vals = cell, cell_out, vals
 
     def step(self, with_change: bool) -> Optional[torch.Tensor]:
         """One MM step; with `with_change`, a device scalar bounding how far any q_c moved."""
-        cd, dev = self.cd, self.s.device
-        val = self.A * self.s_base + self.B * self.s_pg                       # q's mass per cell
-        q_in = torch.zeros(self.P, dtype=cd, device=dev).index_add_(0, self.inc_pair, val.index_select(0, self.inc_cell))
-        mass_u = torch.zeros(self.R, dtype=cd, device=dev).index_add_(0, self.cell_row, val)  # q's mass in U_b
-        q_dust = ((self.s * self.g_rows + mass_u).index_select(0, self.row_of_pair) - q_in).clamp_min(self.tiny)
-        a = self.p_d / q_dust                                                 # (P,)
-        a_tot = torch.zeros(self.R, dtype=cd, device=dev).index_add_(0, self.row_of_pair, a)
-        a_in = torch.zeros_like(val).index_add_(0, self.inc_cell, a.index_select(0, self.inc_pair))
-        coef = (a_tot.index_select(0, self.cell_row) - a_in).clamp_min(0.0)  # sum_{m: c not in S^m} a_m
-        A = (1.0 + self.A * coef) / self.denom_cell
-        B = self.B * coef / self.denom_cell
-        s = (1.0 + self.s * a_tot) / self.denom
+        val = (self.AB * self.S).sum(dim=1)                                  # q's mass per cell
+        q_dust = torch.zeros(self.P, dtype=self.cd, device=val.device).index_add_(
+            0, self.ci_pair, val.index_select(0, self.ci_cell))             # q's mass outside S^m
+        a = self.p_d / q_dust.clamp_min_(self.tiny)                          # (P,)
+        coef = torch.zeros(self.NC, dtype=self.cd, device=val.device).index_add_(
+            0, self.ci_cell, a.index_select(0, self.ci_pair))               # sum_{m: c not in S^m} a_m
+        AB = torch.addcmul(self.e0, self.AB, coef[:, None] * self.inv_denom)  # (e0 + AB coef) / (1 + |A|)
         change = None
-        if with_change:  # |dq_c| <= |dA| base_c + |dB| p^g_c; outside the union |ds| p^g_c <= |ds| (its mass)
-            change = torch.maximum(((A - self.A).abs() * self.max_base + (B - self.B).abs() * self.max_pg).max(),
-                                   ((s - self.s).abs() * self.g_rows).max())
-        self.A, self.B, self.s = A, B, s
+        if with_change:  # |dq_c| <= |dA| base_c + |dB| p^g_c <= |dA| S_base(cell) + |dB| S_pg(cell)
+            change = ((AB - self.AB).abs_() * self.S).sum(dim=1).amax()
+        self.AB = AB
         return change
+
+    def scale(self) -> torch.Tensor:
+        """(R,) the rows' scale s outside their unions."""
+        return self.AB.index_select(0, self.cell_out).sum(dim=1)
 
     def q_slots(self) -> torch.Tensor:
         """(U,) q on the union slots of the multi rows."""
-        return self.A.index_select(0, self.cell) * self.base_u + self.B.index_select(0, self.cell) * self.pg_u
+        return (self.AB.index_select(0, self.cell) * self.vals).sum(dim=1)
 
 
 def _solve(
     z: torch.Tensor,
     zmax: torch.Tensor,
     out: torch.Tensor,
-    ent: _Entries,
+    pr: _Active,
     iters: int,
     tol: float,
     cd: torch.dtype,
     check_every: int,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+    scratch: Optional[torch.Tensor] = None,
 ) -> None:
     """The MM iteration: writes log q into `out` (which may be z itself).
 
-    z: (B, C) contiguous generalist logits or log-probabilities, zmax its row maxima. Only the
-    union U_b of each row's active subsets is iterated, in `cd`; every other class gets
-    log q = z - lse_b + log s_b with one scale s_b per row, written in z's dtype by one pass. A row
-    with one active specialist has a closed form, which the iteration reaches in its first step
-    (q_c = (p^g_c + p^m_c) / 2 on S^m, s_b = (1 + p^m_dustbin / p^g(outside S^m)) / 2), so only
-    rows with several active specialists iterate.
+    z: (B, C) contiguous generalist logits or log-probabilities, zmax its row maxima. Every class
+    outside the union U_b of a row's active subsets gets log q = z - lse_b + log s_b with one scale
+    s_b per row, written in z's dtype by one pass. A row with one active specialist has a closed
+    form, which the iteration reaches in its first step (q_c = (p^g_c + p^m_c) / 2 on S^m, in z's
+    dtype; s_b = (1 + p^m_dustbin / p^g(outside S^m)) / 2), so only rows with several active
+    specialists iterate, on their unions, in `cd`. Per-row sums (lse, p^g's mass outside the
+    union, summed directly, never as 1 - inside: a union may hold nearly all the mass) are in `cd`.
+    `scratch`: a (B, C) buffer other than z whose contents may be destroyed before `out` is
+    written (`out` itself when it is not z).
     """
     B, C = z.shape
     dev = z.device
     tiny = torch.finfo(cd).tiny
-    lse, g_out, z_e = _normalisers(z, zmax, ent, cd)
-    lp_e = z_e.to(cd) - lse.index_select(0, ent.e_b)        # log p_g on the entries
-    log_s = torch.zeros(B, dtype=cd, device=dev)
-
-    multi_pair = ent.n_active.index_select(0, ent.b) > 1    # (N,)
-    e_multi = multi_pair.index_select(0, ent.e_pair)
+    N, S = pr.cls.shape
+    shift = bool(((zmax < -40) | (zmax > 75)).any()) if B else False
+    raw_out, z_in = _outside_pass(z, zmax, pr, shift)
+    base = zmax.to(cd) if shift else torch.zeros(B, dtype=cd, device=dev)
+    if shift:
+        ex = torch.sub(z_in, zmax.index_select(0, pr.b)[:, None]).exp_()  # (N, S) exp(z - shift)
+    else:
+        ex = z_in.exp()
+    ex_sum = (ex if pr.mask is None else ex * pr.mask).sum(dim=1)        # (N,) mass of S^m
+    multi_pair = pr.n_active.index_select(0, pr.b) > 1                   # (N,)
     single = (~multi_pair).nonzero().squeeze(1)
-    sb = ent.b.index_select(0, single)
-    log_s.index_copy_(0, sb, torch.log((1.0 + ent.p_d.index_select(0, single)
-                                        / g_out.index_select(0, sb).clamp_min(tiny)) * 0.5))
-    es = (~e_multi).nonzero().squeeze(1)
-    es_flat = ent.e_flat.index_select(0, es)
-    q_single = (lp_e.index_select(0, es).exp() + ent.e_p.index_select(0, es)) * 0.5
+    multi = multi_pair.nonzero().squeeze(1)
+    have_multi = multi.numel() > 0
+    sb = pr.b.index_select(0, single)
+    inside = torch.zeros(B, dtype=cd, device=dev).index_copy_(0, sb, ex_sum.index_select(0, single).to(cd))
+    if have_multi:  # overlapping subsets of a row share classes: one slot per (row, class)
+        m_flat = pr.flat.index_select(0, multi).reshape(-1)
+        inv, first = _dedup(m_flat, B * C, scratch)
+        u_flat = m_flat.index_select(0, first)
+        u_b = pr.b.index_select(0, multi.index_select(0, torch.div(first, S, rounding_mode="floor")))
+        ex_u = ex.index_select(0, multi).reshape(-1).index_select(0, first).to(cd)
+        inside.index_add_(0, u_b, ex_u)
+    outside = raw_out.to(cd)
+    total = outside + inside
+    lse = torch.log(total) + base
+    g_out = outside / total
+    # Where the outside mass underflows z's dtype (every outside class ~87 nats below the top in
+    # float32), sum those rows again in `cd` with a per-row shift, so their tiny mass stays exact.
+    # (Below C * tiny * 1e6 the denormals could matter; above it they hold under 1e-6 of the sum.)
+    small = raw_out < torch.finfo(z.dtype).tiny * C * 1e6
+    if bool(small.any()):  # rare; one host sync
+        _exact_outside(z, small, pr, lse, g_out, cd)
 
-    em = e_multi.nonzero().squeeze(1)
-    have_multi = em.numel() > 0
+    # rows with one active specialist: the closed form, in z's dtype
+    half_pg = (torch.exp(base - lse) * 0.5).to(z.dtype)                  # p^g_c / 2 = ex_c * this
+    q_single = torch.addcmul((pr.probs.index_select(0, single) * 0.5).to(z.dtype), ex.index_select(0, single),
+                             half_pg.index_select(0, sb)[:, None])      # (p^g_c + p^m_c) / 2
+    s_flat = pr.flat.index_select(0, single)
+    log_s = torch.zeros(B, dtype=cd, device=dev)
+    log_s.index_copy_(0, sb, torch.log((1.0 + pr.p_d.index_select(0, single).to(cd)
+                                        / g_out.index_select(0, sb).clamp_min(tiny)) * 0.5))
     if have_multi:
-        it = _MultiRows(ent, em, lp_e, g_out, cd)
-        q_u = it.q_slots()
+        pg_u = ex_u * torch.exp(base - lse).index_select(0, u_b)
+        it = _MultiRows(pr, multi, inv, first, pg_u, g_out, cd)
 
     def dense(t: int) -> torch.Tensor:  # diagnostics only: a (B, C) iterate in cd
         ls = torch.zeros_like(log_s) if t == 0 else log_s.clone()
         if have_multi and t > 0:
-            ls[it.rows] = torch.log(it.s)
+            ls[it.rows] = torch.log(it.scale())
         q = (z.to(cd) - (lse - ls)[:, None]).exp()
-        flat = q.view(-1)
-        if t == 0:
-            flat[ent.e_flat] = lp_e.exp()
-            return q
-        flat[es_flat] = q_single
-        if have_multi:
-            flat[it.u_flat] = it.q_slots()
+        if t > 0:
+            flat = q.view(-1)
+            flat[s_flat.reshape(-1)] = q_single.reshape(-1).to(cd)
+            if have_multi:
+                flat[u_flat] = it.q_slots()
         return q
 
     if callback is not None:
@@ -472,15 +527,31 @@ def _solve(
                 callback(t, dense(t))
             if check and float(change) <= tol:
                 break
-        log_s.index_copy_(0, it.rows, torch.log(it.s))
-        q_u = it.q_slots()
+        log_s.index_copy_(0, it.rows, torch.log(it.scale()))
     elif callback is not None and iters >= 1:
         callback(1, dense(1))
 
     torch.sub(z, (lse - log_s).to(z.dtype)[:, None], out=out)  # outside the unions: log p_g + log s_b
-    out.put_(es_flat, _safe_log(q_single).to(out.dtype))
+    out.put_(s_flat, _safe_log(q_single).to(out.dtype))
     if have_multi:
-        out.put_(it.u_flat, _safe_log(q_u).to(out.dtype))
+        out.put_(u_flat, _safe_log(it.q_slots()).to(out.dtype))
+
+
+def _exact_outside(z: torch.Tensor, small: torch.Tensor, pr: _Active, lse: torch.Tensor, g_out: torch.Tensor,
+                   cd: torch.dtype, chunk_rows: int = 16) -> None:
+    """g_out on the `small` rows again, summed in `cd` with the row's own shift (in place)."""
+    B, C = z.shape
+    rs = small.nonzero().squeeze(1)
+    for k in range(0, rs.numel(), chunk_rows):  # by chunks: the temporary stays a chunk in `cd`
+        r = rs[k:k + chunk_rows]
+        pos = torch.full((B,), -1, dtype=torch.long, device=z.device)
+        pos[r] = torch.arange(r.numel(), device=z.device)
+        p_pos = pos.index_select(0, pr.b)
+        sel = (p_pos >= 0).nonzero().squeeze(1)
+        rows_z = z.index_select(0, r).to(cd)
+        rows_z.view(-1).index_fill_(0, (p_pos.index_select(0, sel)[:, None] * C
+                                        + pr.cls.index_select(0, sel)).reshape(-1), float("-inf"))
+        g_out[r] = torch.exp(torch.logsumexp(rows_z, dim=1) - lse.index_select(0, r))
 
 
 def combine_fixed_point(
@@ -530,12 +601,14 @@ def combine_fixed_point(
             callback(0, p_g.clone())
         return p_g.clone(), log_q
     log_q = log_q.contiguous()
-    _solve(log_q, log_q.amax(dim=1), log_q, _entries(b, m, probs, sidx, active), iters, tol, compute_dtype,
-           max(1, int(check_every)), None if callback is None else (lambda t, q: callback(t, q.to(p_g.dtype))))
+    q = torch.empty_like(log_q)  # the answer's buffer, scratch for the solver until then
+    _solve(log_q, log_q.amax(dim=1), log_q, _active_pairs(b, m, probs, sidx, active), iters, tol, compute_dtype,
+           max(1, int(check_every)), None if callback is None else (lambda t, q: callback(t, q.to(p_g.dtype))),
+           scratch=q)
     rows = active.any(dim=1)
     if bool(rows.all()):
-        return log_q.exp(), log_q
-    q = p_g.clone()
+        return torch.exp(log_q, out=q), log_q
+    q.copy_(p_g)
     q[rows] = log_q[rows].exp()
     return q, log_q
 
@@ -731,8 +804,7 @@ def combine(
     if active is None:
         n = max(1, min(int(top_n), C))
         if n == 1:  # the row maxima come with the top-1 classes
-            zmax, top = p_g_logits.max(dim=1, keepdim=True)
-            zmax = zmax.squeeze(1)
+            zmax, top = _top1(p_g_logits)
         else:
             zmax, top = p_g_logits.amax(dim=1), p_g_logits.topk(n, dim=1).indices
         active = sidx.member[:, top].any(dim=2).T.contiguous()
@@ -748,6 +820,6 @@ def combine(
         z[torch.arange(b.numel(), device=z.device), sidx.sizes[m]] += corr[m]
     probs = torch.softmax(z, dim=1)  # -inf padding: probability 0
     log_q = torch.empty_like(p_g_logits)  # the one (B, C) buffer: the answer
-    _solve(p_g_logits.contiguous(), zmax, log_q, _entries(b, m, probs, sidx, active), iters, tol, compute_dtype,
-           max(1, int(check_every)))
+    _solve(p_g_logits.contiguous(), zmax, log_q, _active_pairs(b, m, probs, sidx, active), iters, tol, compute_dtype,
+           max(1, int(check_every)), scratch=log_q)
     return log_q

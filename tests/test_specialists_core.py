@@ -503,3 +503,19 @@ def test_convergence_is_checked_every_k_iterations_only():
         torch.Tensor.__float__ = real
     assert n8 == 5 and n1 == 40
     torch.testing.assert_close(q8, q1)
+
+
+def test_blockwise_top1_matches_max_with_ties_and_a_tail_block():
+    """`_top1` (block amax, then max with indices in the winning block) gives max(dim=1)'s values
+    and first indices, also when the maximum sits in the short last block or is tied."""
+    from specialists.combine import _top1
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 5000, generator=g)  # 5000 = 19 blocks of 256 + a tail of 136
+    z[0, 4999] = 50.0                        # in the tail block
+    z[1, 10] = z[1, 4000] = 50.0             # tie: the first index wins
+    z[2, 300] = z[2, 301] = 50.0             # tie inside one block
+    v, i = _top1(z)
+    ref_v, ref_i = z.max(dim=1, keepdim=True)
+    assert torch.equal(v, ref_v.squeeze(1)) and torch.equal(i, ref_i)
+    assert i[0, 0] == 4999 and i[1, 0] == 10 and i[2, 0] == 300
