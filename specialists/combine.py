@@ -8,7 +8,7 @@ classes. The combined distribution q over all C classes minimises
 where q^m is q collapsed onto specialist m's outputs (its classes kept, all others summed into its
 dustbin). Two solvers, both batched over samples:
 
-* `combine_fixed_point` (default): the MM iteration of PAPER.md §3,
+* `combine_fixed_point` (default): the MM iteration of docs/method.md ("Specialists", step 4),
       q_c <- (p^g_c + sum_m r^m_c) / (1 + |A|),
       r^m_c = p^m_c (c in S^m),   r^m_c = p^m_dustbin q_c / Q^m_dustbin (c not in S^m),
   where Q^m_dustbin is the mass of q outside S^m. It keeps q normalised, never increases F, and
@@ -27,6 +27,11 @@ dustbin). Two solvers, both batched over samples:
 * `combine_gradient_descent`: the paper's reference, q = softmax(z) with z optimised by autograd
   (Adam or L-BFGS) on the summed per-sample objectives (the samples are independent, so the sum
   separates).
+
+Longer than 600 lines: the fast solver's index tables (`SubsetIndex`), its kernels, the objective
+and the gradient-descent reference are kept in one module on purpose, because the reference and the
+objective are what the tests hold the fast solver to, and splitting them would put the contract
+and the code it constrains in different files.
 
 Conventions. `p_g` is (B, C) generalist probabilities; `spec_probs[m]` is (B, |S^m| + 1)
 probabilities of specialist m, dustbin last, *already dustbin-corrected* (`specialists.dustbin`);

@@ -429,8 +429,8 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
                         "specialist_uris": teacher.specialist_uris, "specialist_metas": teacher.specialist_metas,
                         "top_n": teacher.top_n, "method": teacher.method, "iters": teacher.iters},
             "tasks": tasks, "names": {str(int(t["index"])): t["name"] for t in tasks},
-            # WebDataset shards are self-contained (they hold the inputs): only then do inputs travel on.
-            "carry_inputs": any("webdataset" in t["write_formats"] for t in tasks),
+            # Only formats that hold the inputs (WebDataset: self-contained) need them to travel on.
+            "carry_inputs": any(cache.get_format(f).carries_inputs for t in tasks for f in t["write_formats"]),
         }
         samples = 0
         t_work = time.perf_counter()
