@@ -43,6 +43,25 @@ Weight = Annotated[float, Field(ge=0, le=1)]
 Rate = Annotated[float, Field(gt=0)]
 
 
+def run_only(*args: Any, **kw: Any) -> Any:
+    """A config field that changes how a job runs (resources, checkpoint cadence, loader buffers),
+    never what it computes: declared here, it is left out of every fingerprint (`fingerprint_dump`,
+    `section_fingerprint`), so changing it never redoes a finished stage."""
+    extra = dict(kw.pop("json_schema_extra", None) or {}, fingerprint=False)
+    return Field(*args, json_schema_extra=extra, **kw)
+
+
+def not_fingerprinted(model_cls: type) -> frozenset:
+    """Names of `model_cls`'s fields declared with `run_only`."""
+    return frozenset(n for n, f in model_cls.model_fields.items()
+                     if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("fingerprint") is False)
+
+
+def fingerprint_dump(model: BaseModel) -> dict:
+    """`model` as a dict without its `run_only` fields: the slice a stage fingerprints."""
+    return model.model_dump(exclude=set(not_fingerprinted(type(model))))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -99,7 +118,7 @@ class DataConfig(_Section):
         "train", description="Split used as the distillation transfer set (may be unlabelled)."
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    loader: "LoaderConfig" = Field(default_factory=lambda: LoaderConfig())
+    loader: "LoaderConfig" = run_only(default_factory=lambda: LoaderConfig())
 
 
 class ModelConfig(_Section):
@@ -210,12 +229,12 @@ class TrainConfig(_Section):
     patience: Optional[Int] = Field(
         None, ge=1, description="Early stopping: stop after this many epochs without val improvement."
     )
-    checkpoint_every: Int = Field(
+    checkpoint_every: Int = run_only(
         1, ge=1, description="Ray Train jobs: a checkpoint every this many epochs (a restart redoes at most "
         "that many) and one at the end; each carries the best val epoch's weights so far. Raise it when "
         "epochs are short and the checkpoint upload dominates."
     )
-    checkpoint_every_steps: Optional[Int] = Field(
+    checkpoint_every_steps: Optional[Int] = run_only(
         None, ge=1, description="Also checkpoint every this many optimizer steps inside an epoch, with the "
         "position in the data (for epochs that take hours on preemptible nodes); a resume neither repeats "
         "nor skips a batch. Unset: epoch checkpoints only."
@@ -260,10 +279,10 @@ class ClusterConfig(_Section):
 class SpecialistsConfig(TrainConfig):
     epochs: Int = Field(3, ge=1, description="Epochs per specialist (one epoch = the subset's size x 2 samples).")
     lr: float = Field(5e-4, gt=0, description="Learning rate (fine-tuning from the generalist).")
-    cpus_per_specialist: float = Field(1, gt=0, description="CPUs per specialist trial.")
-    gpus_per_specialist: float = Field(0, ge=0, description="GPUs per specialist trial (1 on a GPU cluster).")
-    max_concurrent: Optional[Int] = Field(None, ge=1, description="Specialists trained at once (default: as resources allow).")
-    max_failures: Int = Field(2, ge=0, description="Retries of a failed specialist (others are not redone).")
+    cpus_per_specialist: float = run_only(1, gt=0, description="CPUs per specialist trial.")
+    gpus_per_specialist: float = run_only(0, ge=0, description="GPUs per specialist trial (1 on a GPU cluster).")
+    max_concurrent: Optional[Int] = run_only(None, ge=1, description="Specialists trained at once (default: as resources allow).")
+    max_failures: Int = run_only(2, ge=0, description="Retries of a failed specialist (others are not redone).")
     top_n: Int = Field(1, ge=1, description="Specialists are active when their subset meets the generalist's top-n.")
     combine_method: Literal["fixed_point", "gradient"] = Field("fixed_point", description="How q is found.")
     combine_iters: Int = Field(50, ge=1, description="Iterations of the combination.")
@@ -273,12 +292,12 @@ class TargetsConfig(_Section):
     format: Literal[FORMAT_SETTINGS] = Field("parquet", description="Cache file format(s) (`pipeline.cache.REGISTRY`).")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of logits/log-probs.")
     top_k: Optional[Int] = Field(None, ge=1, description="Store only the top-k (plus tail mass); unset: dense.")
-    batch_size: Int = Field(1024, ge=1, description="Inference batch size.")
-    num_actors: Int = Field(1, ge=1, description="Ray Data actor-pool size (model replicas).")
-    cpus_per_actor: float = Field(1, gt=0, description="CPUs per replica.")
-    gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica.")
+    batch_size: Int = run_only(1024, ge=1, description="Inference batch size.")
+    num_actors: Int = run_only(1, ge=1, description="Ray Data actor-pool size (model replicas).")
+    cpus_per_actor: float = run_only(1, gt=0, description="CPUs per replica.")
+    gpus_per_actor: float = run_only(0, ge=0, description="GPUs per replica.")
     uri: Optional[PathOrURI] = Field(None, description="Cache location; default `{output_dir}/targets`.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Literal["auto", "bf16", "fp32"] = run_only(
         "auto", description="Autocast of the teacher's forward passes: bf16 on GPUs (auto) or fp32; CPUs always "
         "run fp32 under auto. Part of the cache's fingerprint when it takes effect (bf16 on a GPU)."
     )
@@ -365,9 +384,9 @@ class Config(_Section):
         return layout.stage_uri(self, stage)
 
 
-# Settings that change how a job runs but never what it computes: left out of fingerprints, so
-# changing them does not redo a finished stage.
-NOT_FINGERPRINTED = frozenset({"checkpoint_every", "checkpoint_every_steps", "loader"})
+# The `run_only` names of the training and data settings, left out wherever they appear in a slice
+# a stage hashes as a plain dict (the tune stage hashes the student's training settings that way).
+NOT_FINGERPRINTED = not_fingerprinted(TrainConfig) | not_fingerprinted(DataConfig)
 
 
 def section_fingerprint(*parts: Any) -> str:

@@ -111,3 +111,17 @@ def test_checkpoint_every_changes_no_fingerprint_at_any_depth(tmp_path):
                                                                    "teacher.checkpoint_every": 3})), stage
     # ... while a setting that does change the result still does.
     assert tune.fingerprint(base) != tune.fingerprint(cfg(**{"student.lr": 0.5}))
+
+
+def test_run_only_fields_stay_out_of_fingerprints_and_others_do_not():
+    from pipeline.config import Config, fingerprint_dump, not_fingerprinted, section_fingerprint
+
+    assert {"batch_size", "num_actors", "precision"} <= not_fingerprinted(type(Config().targets))
+    a = Config()
+    b = Config.model_validate({"targets": {"num_actors": 4, "batch_size": 64},
+                               "teacher": {"checkpoint_every": 5}, "specialists": {"max_concurrent": 3}})
+    c = Config.model_validate({"targets": {"dtype": "float32"}, "teacher": {"epochs": a.teacher.epochs + 1}})
+    for sec in ("targets", "teacher", "specialists"):
+        assert section_fingerprint(fingerprint_dump(getattr(a, sec))) == section_fingerprint(fingerprint_dump(getattr(b, sec))), sec
+    assert section_fingerprint(fingerprint_dump(a.targets)) != section_fingerprint(fingerprint_dump(c.targets))
+    assert section_fingerprint(a.teacher) != section_fingerprint(c.teacher)

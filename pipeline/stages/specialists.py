@@ -33,14 +33,13 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.config import Config, section_fingerprint
+from pipeline.config import Config, fingerprint_dump, section_fingerprint
 from pipeline.errors import UserError
 from pipeline.layout import METRICS_FILE, marker_fingerprint, spec_dirname
 from pipeline.specialist_training import TRAIN_KEYS, is_complete
 
 NEEDS_RAY = True
-# Resources and scheduling do not change what a specialist learns; they stay out of the fingerprints.
-_NOT_FINGERPRINTED = {"cpus_per_specialist", "gpus_per_specialist", "max_concurrent", "max_failures"}
+# Resources and scheduling do not change what a specialist learns: they are `config.run_only` fields.
 # Test hooks (read in the driver, passed to the trials): specialists listed in FAIL_ENV raise after
 # their first epoch; with FAIL_ONCE_ENV naming a folder they fail only once (a marker file per
 # specialist remembers it), otherwise on every attempt.
@@ -49,7 +48,7 @@ FAIL_ONCE_ENV = "DISTILL_TEST_FAIL_ONCE_DIR"
 
 
 def fingerprint(cfg: Config) -> str:
-    sc = cfg.specialists.model_dump(exclude=_NOT_FINGERPRINTED)
+    sc = fingerprint_dump(cfg.specialists)
     return section_fingerprint("specialists-v1", sc, cfg.seed, marker_fingerprint(cfg, "cluster"),
                                marker_fingerprint(cfg, "teacher"), marker_fingerprint(cfg, "data"))
 

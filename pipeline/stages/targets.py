@@ -40,14 +40,13 @@ from typing import Callable, Optional
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import Config, section_fingerprint
+from pipeline.config import Config, fingerprint_dump, section_fingerprint
 from pipeline.errors import UserError
 from pipeline.layout import METRICS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
-# Execution settings do not change a single stored value; they stay out of the fingerprint so that
-# resizing the actor pool does not invalidate the cache or the stages that read it.
-_NOT_FINGERPRINTED = {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "precision"}
+# Execution settings (batch size, actor pool, precision of the replicas) are `config.run_only`
+# fields: resizing the actor pool does not invalidate the cache or the stages that read it.
 
 
 def precision_tag(cfg: Config) -> Optional[str]:
@@ -73,7 +72,7 @@ def fingerprint(cfg: Config) -> str:
         sources = None
     sc = cfg.specialists
     return section_fingerprint(
-        "targets-v1", cfg.targets.model_dump(exclude=_NOT_FINGERPRINTED), cfg.data.transfer_split,
+        "targets-v1", fingerprint_dump(cfg.targets), cfg.data.transfer_split,
         [sc.top_n, sc.combine_method, sc.combine_iters],
         *(marker_fingerprint(cfg, s) for s in ("data", "teacher", "cluster", "specialists")),
         teacher_fp, sources, *([precision_tag(cfg)] if precision_tag(cfg) else []),
