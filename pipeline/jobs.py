@@ -100,3 +100,61 @@ class TrainJob:
         return dataclasses.replace(self, **changes)
 
 
+
+
+@dataclass(frozen=True)
+class SpecialistsJob:
+    """What every specialist trial gets (`pipeline.stages.specialists`, one Ray Tune trial each; the
+    trial's own index m comes from Tune's param space).
+
+    data_uri, teacher_uri, out_uri: the dataset, the generalist the specialists start from, and the
+        specialists/ folder (specialist m writes `spec_{m:03d}/` there).
+    subsets, class_names, fingerprints: per specialist, its class ids, their names and the
+        fingerprint a finished specialist records (a restarted trial skips finished work).
+    train_cfg: the specialists' TrainConfig as a dict; seed: the global seed (trial m uses seed*1000+m).
+    cpus, gpus: one trial's resources; loader: `data.loader` as a dict; manifest: the dataset's.
+    class_counts: train samples per class (f, the subset's natural share, for the dustbin correction).
+    fail: test-only failure injection (`DISTILL_TEST_FAIL_SPECIALISTS`), else None.
+    """
+
+    data_uri: str
+    teacher_uri: str
+    out_uri: str
+    subsets: list
+    class_names: list
+    fingerprints: list
+    train_cfg: dict
+    seed: int
+    cpus: float
+    gpus: float
+    loader: dict
+    manifest: dict
+    class_counts: list
+    fail: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class TargetsJob:
+    """What the targets stage's Ray Data pipeline ships to its read tasks, model replicas and writers
+    (`pipeline.stages.targets`).
+
+    cache_uri, data_uri: where the cache is written and the dataset it is computed from.
+    batch_size, threads, gpus, precision: rows per model call and one replica's resources.
+    layout: `pipeline.cache.Layout` fields (num_classes, dtype, top_k).
+    teacher: `pipeline.teacher_ensemble.TeacherSpec` fields (checkpoints, top_n, method, iters).
+    tasks: the shards to (re)write, from the regen plan (`pipeline.cache.regen`); names: shard index
+        -> cache shard name.
+    carry_inputs: whether the inputs travel on to the writers (a format that holds them, WebDataset).
+    """
+
+    cache_uri: str
+    data_uri: str
+    batch_size: int
+    threads: int
+    gpus: float
+    precision: str
+    layout: dict
+    teacher: dict
+    tasks: list
+    names: dict
+    carry_inputs: bool

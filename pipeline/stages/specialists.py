@@ -35,6 +35,7 @@ import torch
 from pipeline import storage
 from pipeline.config import Config, fingerprint_dump, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.jobs import SpecialistsJob
 from pipeline.layout import METRICS_FILE, marker_fingerprint, spec_dirname
 from pipeline.specialist_training import TRAIN_KEYS, is_complete
 
@@ -85,15 +86,15 @@ def train_class_counts(data_uri: str, num_classes: int) -> np.ndarray:
     return np.asarray(counts, dtype=np.int64)
 
 
-def _streams(job: dict, seed: int, device: Any):
+def _streams(job: SpecialistsJob, seed: int, device: Any):
     """(epoch -> chunks of one shuffled pass over train, () -> val batches), both Ray Data streams:
     the trial never holds a split."""
     from pipeline import datasets
 
-    loader = job["loader"]
-    train = datasets.split_items(job["data_uri"], "train")
-    view = {"manifest": job["manifest"], "augment": job["train_cfg"].get("augment"), "train": True, "seed": seed}
-    val = datasets.from_items(datasets.group_items(datasets.split_items(job["data_uri"], "val"), loader["group_rows"]),
+    loader = job.loader
+    train = datasets.split_items(job.data_uri, "train")
+    view = {"manifest": job.manifest, "augment": job.train_cfg.get("augment"), "train": True, "seed": seed}
+    val = datasets.from_items(datasets.group_items(datasets.split_items(job.data_uri, "val"), loader["group_rows"]),
                               loader["read_cpus"], loader["read_concurrency"], dict(view, train=False))
     collate = datasets.Collate(device)
 
@@ -103,7 +104,7 @@ def _streams(job: dict, seed: int, device: Any):
         return ds.iter_torch_batches(batch_size=int(loader["chunk_rows"]), collate_fn=collate,
                                      prefetch_batches=int(loader["prefetch_chunks"]))
 
-    val_entries = datasets.split_items(job["data_uri"], "val")
+    val_entries = datasets.split_items(job.data_uri, "val")
     keep = sum(int(e.get("bytes") or 0) for e in val_entries) <= int(loader["materialize_mb"]) * (1 << 20)
     kept: list = []
 
@@ -120,8 +121,8 @@ def _streams(job: dict, seed: int, device: Any):
     return epoch_chunks, val_batches
 
 
-def _maybe_fail(job: dict, m: int) -> None:
-    hook = job.get("fail") or {}
+def _maybe_fail(job: SpecialistsJob, m: int) -> None:
+    hook = job.fail or {}
     if m not in hook.get("specialists", ()):
         return
     marker_dir = hook.get("once_dir")
@@ -134,21 +135,21 @@ def _maybe_fail(job: dict, m: int) -> None:
     raise RuntimeError(f"specialist {m}: failure injected by the {FAIL_ENV} test hook")
 
 
-def _trainable(config: dict, job: dict) -> None:
+def _trainable(config: dict, job: SpecialistsJob) -> None:
     import ray
     from ray import tune
 
     from pipeline.specialist_training import train_specialist
 
     m = int(config["m"])
-    out_uri = storage.join(job["out_uri"], spec_dirname(m))
-    if is_complete(out_uri, job["fingerprints"][m]):  # a restarted trial whose work is already saved
+    out_uri = storage.join(job.out_uri, spec_dirname(m))
+    if is_complete(out_uri, job.fingerprints[m]):  # a restarted trial whose work is already saved
         tune.report({"m": m, "finished": True})
         return
-    threads = max(1, int(job["cpus"]))
+    threads = max(1, int(job.cpus))
     torch.set_num_threads(threads)
-    device = "cuda" if job["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    seed = job["seed"] * 1000 + m
+    device = "cuda" if job.gpus > 0 and torch.cuda.is_available() else "cpu"
+    seed = job.seed * 1000 + m
     epoch_chunks, val_batches = _streams(job, seed, device)
 
     def report(row: dict) -> None:
@@ -156,10 +157,10 @@ def _trainable(config: dict, job: dict) -> None:
         _maybe_fail(job, m)
 
     metrics = train_specialist(
-        job["teacher_uri"], job["subsets"][m], epoch_chunks, val_batches, job["class_counts"], job["train_cfg"],
-        out_uri, fingerprint=job["fingerprints"][m], seed=seed, report=report, device=device,
+        job.teacher_uri, job.subsets[m], epoch_chunks, val_batches, job.class_counts, job.train_cfg,
+        out_uri, fingerprint=job.fingerprints[m], seed=seed, report=report, device=device,
         # node_id: which Ray node trained it (spread across the cluster; checked by test_multinode).
-        extra={"index": m, "class_names": job["class_names"][m],
+        extra={"index": m, "class_names": job.class_names[m],
                "node_id": ray.get_runtime_context().get_node_id()},
     )
     tune.report({"m": m, "finished": True, "val_error": metrics["val_error"], "epoch": metrics["epochs_run"] - 1,
@@ -241,16 +242,16 @@ def train_all(cfg: Config, subsets: list[list[int]], class_names: list[list[str]
     out = cfg.stage_uri("specialists")
     _check_resources(cfg)
     fail_list = os.environ.get(FAIL_ENV, "").strip()
-    job = {
-        "data_uri": cfg.stage_uri("data"), "teacher_uri": cfg.stage_uri("teacher"), "out_uri": out,
-        "subsets": subsets, "class_names": class_names, "fingerprints": fingerprints,
-        "train_cfg": sc.train_dict(), "seed": cfg.seed, "cpus": sc.cpus_per_specialist, "gpus": sc.gpus_per_specialist,
-        "loader": cfg.data.loader.model_dump(),
-        "manifest": read_manifest_dict(cfg),
-        "class_counts": train_class_counts(cfg.stage_uri("data"), _num_classes(cfg)).tolist(),
-        "fail": {"specialists": [int(v) for v in fail_list.split(",") if v.strip()],
-                 "once_dir": os.environ.get(FAIL_ONCE_ENV) or None} if fail_list else None,
-    }
+    job = SpecialistsJob(
+        data_uri=cfg.stage_uri("data"), teacher_uri=cfg.stage_uri("teacher"), out_uri=out,
+        subsets=subsets, class_names=class_names, fingerprints=fingerprints,
+        train_cfg=sc.train_dict(), seed=int(cfg.seed), cpus=sc.cpus_per_specialist, gpus=sc.gpus_per_specialist,
+        loader=cfg.data.loader.model_dump(),
+        manifest=read_manifest_dict(cfg),
+        class_counts=train_class_counts(cfg.stage_uri("data"), _num_classes(cfg)).tolist(),
+        fail={"specialists": [int(v) for v in fail_list.split(",") if v.strip()],
+              "once_dir": os.environ.get(FAIL_ONCE_ENV) or None} if fail_list else None,
+    )
     fs, path = storage.pyarrow_fs(storage.join(out, "ray"))
     trainable = tune.with_resources(tune.with_parameters(_trainable, job=job),
                                     {"cpu": sc.cpus_per_specialist, "gpu": sc.gpus_per_specialist})

@@ -42,6 +42,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import Config, fingerprint_dump, section_fingerprint
 from pipeline.errors import UserError
+from pipeline.jobs import TargetsJob
 from pipeline.layout import METRICS_FILE, marker_fingerprint
 
 NEEDS_RAY = True
@@ -143,35 +144,35 @@ class TargetsWorker:
     (`x`, `y`, `key`, `shard`, `row`) into rows of cache fields, top-k chosen on its device. The
     inputs travel on only when a WebDataset file (self-contained: it holds them) is to be written."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: TargetsJob):
         import torch
 
         from pipeline.cache import Layout
         from pipeline.inference import device_for
         from pipeline.teacher_ensemble import TeacherEnsemble, TeacherSpec
 
-        torch.set_num_threads(max(1, int(job.get("threads") or 1)))
+        torch.set_num_threads(max(1, int(job.threads or 1)))
         self.job = job
-        self.layout = Layout(**job["layout"])
-        self.ensemble = TeacherEnsemble(TeacherSpec(**job["teacher"]), device=device_for(job.get("gpus", 0)),
-                                        precision=job.get("precision", "fp32"))
+        self.layout = Layout(**job.layout)
+        self.ensemble = TeacherEnsemble(TeacherSpec(**job.teacher), device=device_for(job.gpus),
+                                        precision=job.precision)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         x = batch["x"]
         n = len(batch["shard"])
-        bs = max(1, int(self.job["batch_size"]))
+        bs = max(1, int(self.job.batch_size))
         parts = []
         for start in range(0, n, bs):
             out = self.ensemble.outputs(x[start:start + bs])
             try:
                 parts.append(encode_on_device(self.layout, out.generalist, out.log_q))
             except ValueError as e:
-                names = sorted({self.job["names"][str(int(i))] for i in batch["shard"][start:start + bs]})
+                names = sorted({self.job.names[str(int(i))] for i in batch["shard"][start:start + bs]})
                 raise UserError(f"cache shard(s) {', '.join(names)}: {e}") from None
         fields = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         rows = {"shard": batch["shard"], "row": batch["row"], "key": batch["key"], "y": batch["y"], **fields}
-        if self.job["carry_inputs"]:
+        if self.job.carry_inputs:
             rows["x"] = x
         rows["_infer_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n), dtype=np.float64)
         return rows
@@ -183,12 +184,12 @@ class ShardAssembler:
     its cache shard (`pipeline.cache.write_cache_shard`, each file atomically, then its `_parts/`
     entry). Yields one row {"entry": JSON} per shard written. Only shards in flight are held."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: TargetsJob):
         from pipeline.cache import Layout
 
         self.job = job
-        self.layout = Layout(**job["layout"])
-        self.tasks = {int(t["index"]): t for t in job["tasks"]}
+        self.layout = Layout(**job.layout)
+        self.tasks = {int(t["index"]): t for t in job.tasks}
         self.buffers: dict[int, list[dict]] = {}
         self.counts: dict[int, int] = {}
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -221,12 +222,12 @@ class ShardAssembler:
         cols = {k: v[order] for k, v in cols.items()}
         fields = {name: cols[name] for name in self.layout.fields()}
         files = cache.write_cache_shard(
-            self.job["cache_uri"], task["name"], task["write_formats"], self.layout, [str(k) for k in cols["key"]],
+            self.job.cache_uri, task["name"], task["write_formats"], self.layout, [str(k) for k in cols["key"]],
             cols["y"], fields, inputs=cols.get("x"),
             metadata={"source": task["source"], "fingerprint": task["fingerprint"]},
         )
         entry = cache.entry_from_task(task, {**task.get("kept_files", {}), **files})
-        cache.write_part(self.job["cache_uri"], entry)
+        cache.write_part(self.job.cache_uri, entry)
         # Seconds of this shard's inference (summed over its rows' batches) and writing, which
         # replica wrote it and when (its own clock): what a benchmark needs for steady rates.
         entry["_timing"] = {"infer": float(cols["_infer_s"].sum()), "write": time.perf_counter() - t0,
@@ -288,11 +289,11 @@ def _check_destination(cache_uri: str, data_uri: str, old_manifest) -> None:
                         "already there; point targets.uri at an empty folder or an existing cache")
 
 
-def _read_entries(job: dict) -> list[dict]:
+def _read_entries(job: TargetsJob) -> list[dict]:
     """The input shards to read, as `pipeline.datasets.split_items` describes them (checked
     against their manifest sha256 by the read tasks, not here)."""
-    return [{"uri": t["source_uri"], "root": job["data_uri"], "sha256": t["source_sha256"],
-             "num_samples": int(t["num_samples"]), "shard": int(t["index"])} for t in job["tasks"]]
+    return [{"uri": t["source_uri"], "root": job.data_uri, "sha256": t["source_sha256"],
+             "num_samples": int(t["num_samples"]), "shard": int(t["index"])} for t in job.tasks]
 
 
 def _eval_view(cfg: Config) -> Optional[dict]:
@@ -303,7 +304,7 @@ def _eval_view(cfg: Config) -> Optional[dict]:
     return eval_transform(cfg, read_manifest(cfg.stage_uri("data")))
 
 
-def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
+def _execute(cfg: Config, job: TargetsJob, use_ray: bool, progress: bool):
     """Yield each written shard's entry as it completes: read -> model replicas -> assembler."""
     if not use_ray:
         import torch
@@ -325,8 +326,8 @@ def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
             for sh in _read_entries(job):
                 cols = datasets._read_tagged({"item": np.array([json.dumps({"shards": [sh]})], dtype=object)})
                 cols = decode(cols) if decode else cols
-                for start in range(0, len(cols["key"]), int(job["batch_size"])):
-                    rows = worker({k: v[start:start + int(job["batch_size"])] for k, v in cols.items()})
+                for start in range(0, len(cols["key"]), int(job.batch_size)):
+                    rows = worker({k: v[start:start + int(job.batch_size)] for k, v in cols.items()})
                     for raw in assembler(rows)["entry"]:
                         yield json.loads(raw)
         finally:
@@ -340,7 +341,7 @@ def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
 
     ensure_ray(cfg)
     t = cfg.targets
-    actors = fit_actors(min(t.num_actors, len(job["tasks"])), t.cpus_per_actor, t.gpus_per_actor,
+    actors = fit_actors(min(t.num_actors, len(job.tasks)), t.cpus_per_actor, t.gpus_per_actor,
                         f"targets.cpus_per_actor={t.cpus_per_actor:g}, gpus_per_actor={t.gpus_per_actor:g}",
                         on_cluster=bool(cfg.ray.address))
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -364,7 +365,7 @@ def _execute(cfg: Config, job: dict, use_ray: bool, progress: bool):
     if progress:
         from pipeline.log import log
 
-        log(f"targets: {len(job['tasks'])} shards: read tasks -> {actors} model replica(s) "
+        log(f"targets: {len(job.tasks)} shards: read tasks -> {actors} model replica(s) "
             f"({t.cpus_per_actor} CPU, {t.gpus_per_actor} GPU each) -> 1 writer, on Ray Data")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for raw in batch["entry"]:
@@ -419,18 +420,18 @@ def regenerate(cfg: Config, progress: bool = True, write_marker: bool = True, us
         storage.remove(marker_uri(cfg, "targets"))
         storage.makedirs(cache_uri)
         tasks = [p.task() for p in todo]
-        job = {
-            "cache_uri": cache_uri, "data_uri": dataset["uri"], "batch_size": cfg.targets.batch_size,
-            "threads": max(1, math.ceil(cfg.targets.cpus_per_actor)), "gpus": cfg.targets.gpus_per_actor,
-            "precision": cfg.targets.precision,
-            "layout": {"num_classes": layout.num_classes, "dtype": layout.dtype, "top_k": layout.top_k},
-            "teacher": {"generalist_uri": teacher.generalist_uri, "generalist_meta": teacher.generalist_meta,
-                        "specialist_uris": teacher.specialist_uris, "specialist_metas": teacher.specialist_metas,
-                        "top_n": teacher.top_n, "method": teacher.method, "iters": teacher.iters},
-            "tasks": tasks, "names": {str(int(t["index"])): t["name"] for t in tasks},
+        job = TargetsJob(
+            cache_uri=cache_uri, data_uri=dataset["uri"], batch_size=int(cfg.targets.batch_size),
+            threads=max(1, math.ceil(cfg.targets.cpus_per_actor)), gpus=cfg.targets.gpus_per_actor,
+            precision=cfg.targets.precision,
+            layout={"num_classes": layout.num_classes, "dtype": layout.dtype, "top_k": layout.top_k},
+            teacher={"generalist_uri": teacher.generalist_uri, "generalist_meta": teacher.generalist_meta,
+                     "specialist_uris": teacher.specialist_uris, "specialist_metas": teacher.specialist_metas,
+                     "top_n": teacher.top_n, "method": teacher.method, "iters": teacher.iters},
+            tasks=tasks, names={str(int(t["index"])): t["name"] for t in tasks},
             # Only formats that hold the inputs (WebDataset: self-contained) need them to travel on.
-            "carry_inputs": any(cache.get_format(f).carries_inputs for t in tasks for f in t["write_formats"]),
-        }
+            carry_inputs=any(cache.get_format(f).carries_inputs for t in tasks for f in t["write_formats"]),
+        )
         samples = 0
         t_work = time.perf_counter()
         try:
