@@ -9,7 +9,6 @@ their per-worker function; tests call it directly on in-memory streams. Plain to
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -19,8 +18,6 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.models import apply_max_norm, jitter, prepare_inputs
-
-log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant", "onecycle")
