@@ -2,14 +2,13 @@
 the whole split in memory gives, without Ray (`run_local`) and on Ray workers (slow)."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import inference, storage
+from pipeline import inference
 from pipeline.errors import UserError
 
 from _targets_helpers import NUM_CLASSES, SUBSETS, make_config, make_inputs, write_dataset, write_teacher

@@ -287,8 +287,6 @@ def test_submit_entrypoint_streams_logs_and_returns_status(token_head, monkeypat
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_wrong_or_missing_token_is_exit_2_without_the_token(token_head, monkeypatch, tmp_path, capsys):
-    from pipeline.cli import main
-
     _clean_auth_env(monkeypatch, tmp_path)
     wrong = "wrong-" + token_head.token[:20]
     monkeypatch.setenv("RAY_AUTH_TOKEN", wrong)
