@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.log import log
 from pipeline.layout import METRICS_FILE, RESUME_DIR
 from pipeline.models import (
     count_params,
@@ -224,6 +225,12 @@ def train_specialist(
     replace_head(model, mapper.num_outputs, init_rows=torch.from_numpy(subset))
     epochs = int(train_cfg.get("epochs", 1))
     batch_size = int(train_cfg.get("batch_size", 128))
+    if 0 < n_in < batch_size // 2:
+        # A subset with fewer training rows than half a batch (small datasets): one step per epoch
+        # of every subset row plus as many rest rows, instead of a half that can never be filled.
+        log(f"specialist subset {subset.tolist()}: {n_in} training rows < half of batch_size {batch_size}; "
+            f"using batches of {2 * n_in}")
+        batch_size = 2 * n_in
     steps = half_subset_steps(n_in, batch_size)
     tcfg = dict(train_cfg, checkpoint_every=1, checkpoint_every_steps=None)
     torch.manual_seed(int(seed))

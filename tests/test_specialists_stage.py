@@ -249,3 +249,25 @@ def test_specialists_stage_with_the_run_directory_on_s3(base_run, s3_bucket, ray
     assert metrics["num_specialists"] == 2 and 0 <= metrics["test_error"] <= 1
     assert any(n.startswith("fit-") for n in storage.listdir(storage.join(root, "specialists", "ray")))
     assert run_stage(cfg, "specialists")["skipped"]
+
+
+def test_a_subset_smaller_than_half_a_batch_trains(tmp_path):
+    """Small datasets: 24 subset rows under a batch of 128 give one step per epoch of those rows
+    plus as many rest rows (the half/half batch shrinks), instead of an epoch that can never fill."""
+    from pipeline.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    x, y = _blobs(240, 0)
+    keep = ~np.isin(y, [2, 4]) | (np.cumsum(np.isin(y, [2, 4])) <= 24)
+    x, y = x[keep], y[keep]
+    xv, yv = _blobs(120, 1)
+    counts = np.bincount(y, minlength=6)
+    assert counts[[2, 4]].sum() == 24
+    chunks, val = _in_memory_streams(x, y, xv, yv)
+    spec = {"arch": "mlp", "hidden": [16]}
+    save_checkpoint(str(tmp_path / "gen"), build_model(spec, (10,), 6), spec, (10,), 6)
+    cfg = {"epochs": 2, "batch_size": 128, "optimizer": "adam", "lr": 1e-2}
+    with torch_threads(1):
+        out = train_specialist(str(tmp_path / "gen"), [2, 4], chunks, val, counts, cfg, str(tmp_path / "s"),
+                               fingerprint="fp")
+    assert len(out["history"]) == 2 and is_complete(str(tmp_path / "s"), "fp")
