@@ -57,44 +57,93 @@ def _check_t_alpha(T: float, alpha: float) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
 
+_CONSTS: dict = {}
+
+
+def _const(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A small constant tensor, made once per key (a fresh one per step would cost a host copy)."""
+    t = _CONSTS.get(key)
+    if t is None:
+        if len(_CONSTS) > 64:
+            _CONSTS.clear()
+        t = _CONSTS[key] = make()
+    return t
+
+
+def _scales(T: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[1 / T, 1] as a (2, 1, 1) tensor: stacks the logits at T and at 1."""
+    return _const(("scales", T, dtype, str(device)),
+                  lambda: torch.tensor([1.0 / T, 1.0], dtype=dtype, device=device).view(2, 1, 1))
+
+
+def _mixer(a: float, b: float, C: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[[a I], [b I]], (2C, C): maps the stacked (B, 2C) softmaxes to a q_T + b q_1 in one matmul."""
+    def make():
+        eye = torch.eye(C, dtype=dtype, device=device)
+        return torch.cat([eye * a, eye * b])
+    return _const(("mixer", a, b, C, dtype, str(device)), make)
+
+
+def _weights(labels: Any, alpha: float) -> tuple[float, float]:
+    """(soft, hard) weights: without labels the soft term alone, weight 1."""
+    return (alpha, 1.0 - alpha) if labels is not None else (1.0, 0.0)
+
+
+def kd_targets(teacher: torch.Tensor, labels: Optional[torch.Tensor], T: float, alpha: float) -> torch.Tensor:
+    """What the fused loss needs of each row's teacher and label, prepared once per row: (N, 3C + 1)
+    in float32 (float64 for a float64 teacher), on the teacher's device, columns
+
+        [soft_w T p_T + hard_w onehot(y) | soft_w T^2 p_T | hard_w onehot(y) | soft_w T^2 sum p_T log p_T]
+
+    (p_T = softmax(teacher / T); soft_w, hard_w = alpha, 1 - alpha, or 1, 0 without labels): the
+    target part of the loss's gradient, the weights of the stacked student log-probabilities in the
+    loss, and the teacher's side of the KL. Row-wise, so a chunk of rows prepared at once
+    (`make_loss`'s `prepare_chunk`) gives every minibatch cut from it what preparing that minibatch
+    would.
+    """
+    T, alpha = float(T), float(alpha)
+    soft_w, hard_w = _weights(labels, alpha)
+    N, C = teacher.shape
+    cd = torch.promote_types(teacher.dtype, torch.float32)
+    t = teacher.detach().to(cd)
+    # a teacher log-prob of -inf (zero mass) would make 0 * -inf = NaN in p log p, so it is floored
+    # at the dtype's minimum (exp of it is exactly 0).
+    lp = _log_softmax(t * (1.0 / T) if T != 1.0 else t).clamp_min(torch.finfo(cd).min)
+    p = lp.exp()
+    out = torch.zeros((N, 3 * C + 1), dtype=cd, device=teacher.device)
+    torch.mul(p, soft_w * T, out=out[:, :C])
+    torch.mul(p, soft_w * T * T, out=out[:, C:2 * C])
+    if hard_w > 0.0:
+        idx = labels.long().view(-1, 1)
+        out[:, :C].scatter_add_(1, idx, torch.full((N, 1), hard_w, dtype=cd, device=teacher.device))
+        out[:, 2 * C:3 * C].scatter_(1, idx, hard_w)
+    torch.mul((p * lp).sum(1), soft_w * T * T, out=out[:, 3 * C])
+    return out
+
+
 class _FusedKD(torch.autograd.Function):
     """Loss and its gradient w.r.t. the student logits in one forward; backward scales the gradient.
 
-    forward(z (B, C), teacher (B, C), labels (B,) | None, T, alpha).
+    forward(z (B, C), targets (B, 3C + 1) from `kd_targets`, T, soft_w, hard_w). Both log-softmaxes
+    (at T and at 1) are one kernel over a class-major (2, C, B) stack (vectorised along the batch
+    whatever C is), the loss is one weighted sum of the stacked log-probabilities, and the gradient
+    of both terms one matmul of their softmaxes with a constant (2C, C) mixer, added to the
+    prepared target term: a handful of kernels, about what `F.cross_entropy` costs forward and backward.
     """
 
     @staticmethod
-    def forward(ctx, z, teacher, labels, T, alpha):  # noqa: D401
-        B = z.shape[0]
-        cd = torch.promote_types(z.dtype, torch.float32)
-        zc = z.detach().to(cd)
-        inv = 1.0 / T
-        soft_w = alpha if labels is not None else 1.0  # no labels: the soft term alone, weight 1
-        hard_w = 1.0 - alpha if labels is not None else 0.0
-        loss = None
-        grad = None
-        lq1 = None
-        if soft_w > 0.0:
-            t = teacher.detach().to(cd)
-            # kl terms are p * (log p - log q); a teacher log-prob of -inf (zero mass) would make
-            # 0 * -inf = NaN, so it is floored at the dtype's minimum (exp of it is exactly 0).
-            lp = _log_softmax(t * inv if T != 1.0 else t).clamp_min(torch.finfo(cd).min)
-            p = lp.exp()
-            lq = _log_softmax(zc * inv) if T != 1.0 else _log_softmax(zc)
-            if T == 1.0:
-                lq1 = lq
-            c = soft_w * T * T / B
-            loss = (p * (lp - lq)).sum() * c
-            grad = lq.exp().sub_(p).mul_(c * inv)          # soft_w T (q_T - p_T) / B
-        if hard_w > 0.0:
-            if lq1 is None:
-                lq1 = _log_softmax(zc)
-            c = hard_w / B
-            hard = F.nll_loss(lq1, labels, reduction="sum")
-            loss = hard * c if loss is None else loss.add_(hard, alpha=c)
-            g1 = lq1.exp()
-            grad = g1.mul_(c) if grad is None else grad.add_(g1, alpha=c)
-            grad.scatter_(1, labels.view(-1, 1), -c, reduce="add")  # - onehot(y) * c
+    def forward(ctx, z, targets, T, soft_w, hard_w):  # noqa: D401
+        B, C = z.shape
+        cd = torch.promote_types(z.dtype, targets.dtype)
+        zd = z if z.dtype == cd else z.to(cd)
+        zz = torch.empty((2, C, B), dtype=cd, device=z.device)
+        torch.mul(zd.T, _scales(T, cd, z.device), out=zz)  # [z / T; z], class-major
+        lq = torch.log_softmax(zz, 1).view(2 * C, B).T       # [log q_T | log q_1], (B, 2C) view
+        if targets.dtype != cd:
+            targets = targets.to(cd)
+        loss = (targets[:, C:3 * C] * lq).sum().sub_(targets[:, 3 * C].sum()).mul_(-1.0 / B)
+        grad = torch.addmm(targets[:, :C], lq.exp_(), _mixer(soft_w * T / B, hard_w / B, C, cd, z.device),
+                           beta=-1.0 / B)
         ctx.save_for_backward(grad)
         ctx.z_dtype = z.dtype
         return loss.to(z.dtype)
@@ -118,7 +167,13 @@ def _kd(student_logits: torch.Tensor, teacher: torch.Tensor, labels: Optional[to
         if labels.shape != student_logits.shape[:1]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match the batch size {student_logits.shape[0]}")
         labels = labels.long()
-    return _FusedKD.apply(student_logits, teacher, labels, T, alpha)
+    return _fused(student_logits, kd_targets(teacher, labels, T, alpha), T, *_weights(labels, alpha))
+
+
+def _fused(z: torch.Tensor, targets: torch.Tensor, T: float, soft_w: float, hard_w: float) -> torch.Tensor:
+    if targets.shape != (z.shape[0], 3 * z.shape[1] + 1):
+        raise ValueError(f"prepared KD targets {tuple(targets.shape)} do not match student logits {tuple(z.shape)}")
+    return _FusedKD.apply(z, targets, T, soft_w, hard_w)
 
 
 def kd_loss(
@@ -185,6 +240,52 @@ class _Labels:
         return y.long() if self.labelled else None
 
 
+TEACHER_COLUMNS = ("teacher", "teacher_topk_idx", "teacher_topk_val", "teacher_tail")
+PREPARED = "kd_targets"
+# Rows of at most this many classes get their targets prepared per chunk (`_CachedKD.prepare_chunk`):
+# 3C + 1 floats a row, 12.6 MB for a 4096-row chunk at this bound; wider rows are prepared per batch.
+PREPARE_MAX_CLASSES = 256
+
+
+class _CachedKD:
+    """loss_fn(logits, batch) of cached distillation: `kd_loss` against the batch's cached targets.
+
+    `prepare_chunk(chunk)` (`pipeline.training.epoch_minibatches(prepare=...)`) turns a streamed
+    chunk's teacher columns into the fused loss's per-row targets (`kd_targets`) once, on the chunk's
+    device, so a step only runs the student's side; a batch that still carries raw teacher columns
+    (no prepare, or more than PREPARE_MAX_CLASSES classes) is prepared when the loss is called. Both
+    give the same loss (tested)."""
+
+    def __init__(self, T: float, alpha: float, num_classes: int, labels: "_Labels"):
+        _check_t_alpha(T, alpha)
+        self.T, self.alpha, self.num_classes, self.labels = T, alpha, num_classes, labels
+
+    def _targets(self, batch: dict) -> tuple[torch.Tensor, float, float]:
+        targets = batch.get(PREPARED)
+        if targets is not None:  # prepared with the labels decision made on the first chunk
+            return targets, *_weights(True if self.labels.labelled else None, self.alpha)
+        y = self.labels(batch)
+        teacher = dense_teacher(batch, self.num_classes)
+        if y is not None and y.shape != teacher.shape[:1]:
+            raise ValueError(f"labels {tuple(y.shape)} do not match the batch size {teacher.shape[0]}")
+        targets = kd_targets(teacher, y, self.T, self.alpha)
+        return targets, *_weights(y, self.alpha)
+
+    def prepare_chunk(self, chunk: dict) -> dict:
+        if self.num_classes > PREPARE_MAX_CLASSES or PREPARED in chunk:
+            return chunk
+        targets, _, _ = self._targets(chunk)
+        out = {k: v for k, v in chunk.items() if k not in TEACHER_COLUMNS}
+        out[PREPARED] = targets
+        return out
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[0] == 0:
+            raise ValueError(f"student logits {tuple(logits.shape)}: the KD loss needs a non-empty (B, C) batch")
+        targets, soft_w, hard_w = self._targets(batch)
+        return _fused(logits, targets, self.T, soft_w, hard_w)
+
+
 def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 0, target: str = "ensemble",
               ensemble: Any = None) -> Callable:
     """loss_fn(student_logits, batch) for the training core (`pipeline.training.run_epochs`).
@@ -197,10 +298,7 @@ def make_loss(kind: str, T: float = 1.0, alpha: float = 0.0, num_classes: int = 
         return lambda logits, batch: F.cross_entropy(logits, batch["y"].long())
     labels = _Labels()
     if kind == "cached":
-        def cached(logits, batch):
-            return kd_loss(logits, dense_teacher(batch, num_classes), labels(batch), T, alpha)
-
-        return cached
+        return _CachedKD(float(T), float(alpha), int(num_classes), labels)
     if kind == "online":
         if ensemble is None:
             raise ValueError("online distillation needs the teacher ensemble")
