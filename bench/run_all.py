@@ -17,6 +17,13 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Extra runs of a benchmark under their own result key: (key, script, arguments, path that must exist).
+# bench_cache on the Fashion-MNIST teacher (CNN + 4 specialists) when that dataset is installed.
+EXTRA_RUNS = [
+    ("bench_cache_fashion_mnist", "bench_cache.py",
+     ["--config", os.path.join(os.path.dirname(HERE), "configs", "fashion_mnist.yaml")],
+     "/usr/share/datasets/fashion-mnist"),
+]
 
 
 def flatten(prefix: str, obj, out: dict) -> None:
@@ -33,8 +40,11 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="names such as bench_cache")
     args = ap.parse_args()
     scripts = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))
+    runs = [(os.path.splitext(os.path.basename(s))[0], s, []) for s in scripts]
+    runs += [(key, os.path.join(HERE, script), extra) for key, script, extra, needs in EXTRA_RUNS
+             if os.path.exists(needs)]
     if args.only:
-        scripts = [s for s in scripts if os.path.splitext(os.path.basename(s))[0] in args.only]
+        runs = [r for r in runs if r[0] in args.only]
     results, failures = {}, {}
     path = os.path.join(HERE, "results.json")
     if args.only and os.path.exists(path):
@@ -42,11 +52,10 @@ def main() -> int:
         with open(path) as f:
             previous = json.load(f)
         results, failures = previous.get("results", {}), previous.get("failures", {})
-    for script in scripts:
-        name = os.path.splitext(os.path.basename(script))[0]
+    for name, script, extra in runs:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             out = tmp.name
-        cmd = [sys.executable, script, "--out", out] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, script, "--out", out] + (["--quick"] if args.quick else []) + extra
         print(f"[bench] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd)
