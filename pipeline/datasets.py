@@ -314,6 +314,9 @@ def _collate_base():
         return object
 
 
+_QUIETED = False
+
+
 class Collate(_collate_base()):
     """`iter_torch_batches(collate_fn=...)`: numeric columns to torch tensors (on `device`, through
     pinned memory when it is a GPU), other columns (keys, image bytes) dropped unless `keep` names
@@ -331,9 +334,13 @@ class Collate(_collate_base()):
 
         out: dict[str, Any] = {}
         cuda = str(self.device).startswith("cuda")
-        # Ray hands out read-only views of its blocks; the tensors are never written in place
-        # (minibatches are gathered copies), so torch's warning about that is noise.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        global _QUIETED
+        if not _QUIETED:
+            # Ray hands out read-only views of its blocks; the tensors are never written in place
+            # (minibatches are gathered copies), so torch's warning about that is noise. Once per
+            # process: each filterwarnings call also resets every module's warning registry.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            _QUIETED = True
         for k, v in batch.items():
             if k in self.drop:
                 continue

@@ -534,7 +534,8 @@ def train_loop(config: dict) -> None:
         val_it = None
     chunks = chunk_iterator(train_it, job.loader, local_bs, seed, rank, device)
     batches = training.epoch_minibatches(chunks, local_bs, steps, state.next_epoch, int(state.meta.get("step") or 0),
-                                         seed, rank, window=int(job.loader["shuffle_rows"]) or local_bs)
+                                         seed, rank, window=int(job.loader["shuffle_rows"]) or local_bs,
+                                         prepare=getattr(loss_fn, "prepare_chunk", None))
 
     def save(st: "training.TrainState", metrics: dict) -> None:
         # Every rank reports (Ray Train needs all); rank 0 attaches the checkpoint folder.

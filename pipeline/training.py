@@ -261,7 +261,8 @@ class TrainState:
 
 def epoch_minibatches(chunks: Iterable[dict], batch_size: int, steps_per_epoch: int, start_epoch: int,
                       skip_steps: int = 0, seed: int = 0, rank: int = 0,
-                      window: int = 8192) -> Iterator[tuple[int, dict]]:
+                      window: int = 8192, prepare: Optional[Callable[[dict], dict]] = None,
+                      ) -> Iterator[tuple[int, dict]]:
     """(epoch, minibatch) pairs cut from a stream of chunks (Ray Data batches with an `epoch`
     column, e.g. from `pipeline.datasets.training_stream`).
 
@@ -273,6 +274,11 @@ def epoch_minibatches(chunks: Iterable[dict], batch_size: int, steps_per_epoch: 
     uninterrupted one. Rows of epochs before `start_epoch` are skipped (a worker group restarted
     inside one fit) and the first `skip_steps` minibatches of `start_epoch` are cut but not yielded
     (a mid-epoch resume). Memory: one window plus one chunk.
+
+    prepare(chunk) -> chunk, row-wise, is applied once to every chunk that is used (the cached KD
+    loss's `prepare_chunk`: teacher targets prepared per chunk on the device, not per step). Each
+    window is gathered once in its shuffled order and split into minibatch views in one call per
+    column.
     """
     bs = int(batch_size)
     W = max(int(window), bs)
@@ -288,15 +294,16 @@ def epoch_minibatches(chunks: Iterable[dict], batch_size: int, steps_per_epoch: 
         perm = torch.randperm(n, generator=g).to(rows["epoch"].device)
         rows = cat(st["carry"], {k: v[perm] for k, v in rows.items()})
         n = len(rows["epoch"])
-        s = 0
-        while s + bs <= n and st["done"] < steps_per_epoch:
-            mb = {k: v[s:s + bs] for k, v in rows.items()}
-            s += bs
+        take = min(n // bs, steps_per_epoch - st["done"])
+        skip = min(st["skip"], take)
+        st["skip"] -= skip
+        st["done"] += skip
+        keys = list(rows)
+        parts = [rows[k][skip * bs:take * bs].split(bs) for k in keys]
+        s = take * bs
+        for i in range(take - skip):
             st["done"] += 1
-            if st["skip"] > 0:
-                st["skip"] -= 1
-                continue
-            yield st["cur"], mb
+            yield st["cur"], {k: p[i] for k, p in zip(keys, parts)}
         st["carry"] = {k: v[s:] for k, v in rows.items()} if s < n and st["done"] < steps_per_epoch else None
 
     def end_epoch():
@@ -309,6 +316,11 @@ def epoch_minibatches(chunks: Iterable[dict], batch_size: int, steps_per_epoch: 
     for chunk in chunks:
         ep = chunk["epoch"]
         lo, hi = int(ep.min()), int(ep.max())
+        if hi < st["cur"]:
+            continue
+        if prepare is not None:
+            chunk = prepare(chunk)
+            ep = chunk["epoch"]
         for e in range(lo, hi + 1):
             if e < st["cur"]:
                 continue
@@ -425,7 +437,7 @@ def run_epochs(state: TrainState, batches: Iterator[tuple[int, dict]], loss_fn: 
             loss = train_step(model, batch, state, loss_fn, jitter_pixels=jitter_px, generator=gen,
                               amp_dtype=amp, prepare=prepare)
             b = len(batch["x"])
-            total += loss.double() * b  # on the device: no host sync per step
+            total.add_(loss, alpha=b)  # in float64 on the device: no host sync per step
             samples += b
             step += 1
             state.meta["step"] = step
@@ -441,6 +453,7 @@ def run_epochs(state: TrainState, batches: Iterator[tuple[int, dict]], loss_fn: 
             if should_stop_now is not None and should_stop_now(state):
                 return state
         # -- end of epoch -----------------------------------------------------------------------
+        train_seconds = time.perf_counter() - t0  # the steps (data waits included), not the val pass
         local_err, local_n = evaluate(models.unwrap_model(model)) if evaluate is not None else (0.0, 0.0)
         loss_sum, n_samples, errs, nval = reduce([float(total), float(samples), float(local_err), float(local_n)])
         train_loss = loss_sum / max(n_samples, 1.0)
@@ -459,7 +472,9 @@ def run_epochs(state: TrainState, batches: Iterator[tuple[int, dict]], loss_fn: 
         state.meta.pop("partial", None)
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_error": round(val_error, 6) if nval else None,
                "seconds": round(seconds, 3), "lr": state.optimizer.param_groups[0]["lr"],
-               "samples_per_s": round(n_samples / max(seconds, 1e-9), 1)}
+               "samples_per_s": round(n_samples / max(seconds, 1e-9), 1),
+               "train_seconds": round(train_seconds, 4),
+               "train_samples_per_s": round(n_samples / max(train_seconds, 1e-9), 1)}
         state.meta["history"].append(row)
         state.meta["done"] = stop or epoch + 1 >= state.epochs
         if checkpoint is not None and (state.meta["done"] or (epoch + 1) % every == 0):

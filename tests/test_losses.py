@@ -255,3 +255,48 @@ def test_bad_arguments_are_rejected(logits):
         kd_loss(zs, zt, y[:3], 1.0, 0.5)
     with pytest.raises(ValueError, match="empty batch"):
         kd_loss(zs[:0], zt[:0], y[:0], 1.0, 0.5)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_chunk_prepared_targets_give_the_per_batch_loss_and_gradient(labelled):
+    """`prepare_chunk` (targets prepared once per streamed chunk, teacher columns dropped) and the
+    per-batch path give the same loss and gradient on every minibatch cut from the chunk, equal to
+    the textbook composition; top-k chunks too."""
+    from pipeline.losses import PREPARED, make_loss
+
+    g = torch.Generator().manual_seed(5)
+    N, B, C = 96, 32, 12
+    zt = (torch.randn(N, C, generator=g) * 3).half()
+    y = torch.randint(0, C, (N,), generator=g) if labelled else torch.full((N,), -1)
+    chunk = {"x": torch.randn(N, 4, generator=g), "y": y, "teacher": zt, "epoch": torch.zeros(N, dtype=torch.long)}
+    prepared = make_loss("cached", 4.0, 0.9, C).prepare_chunk(chunk)
+    assert PREPARED in prepared and "teacher" not in prepared and torch.equal(prepared["x"], chunk["x"])
+    assert prepared[PREPARED].shape == (N, 3 * C + 1) and prepared[PREPARED].dtype == torch.float32
+    fast, slow = make_loss("cached", 4.0, 0.9, C), make_loss("cached", 4.0, 0.9, C)
+    fast.prepare_chunk(chunk)  # decides labelled on the chunk, as in training
+    for s in range(0, N, B):
+        zs = (torch.randn(B, C, generator=g) * 2).requires_grad_(True)
+        got = fast(zs, {k: v[s:s + B] for k, v in prepared.items()})
+        (g_got,) = torch.autograd.grad(got, zs)
+        per_batch = slow(zs, {k: v[s:s + B] for k, v in chunk.items()})
+        (g_pb,) = torch.autograd.grad(per_batch, zs)
+        labels = y[s:s + B] if labelled else None
+        want = _autograd_reference(zs, zt[s:s + B], labels, 4.0, 0.9)
+        (g_want,) = torch.autograd.grad(want, zs)
+        torch.testing.assert_close(got, per_batch, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g_got, g_pb, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="prepared KD targets"):
+        fast(torch.randn(B, C + 1), {k: v[:B] for k, v in prepared.items()})
+
+
+def test_wide_rows_are_prepared_per_batch_not_per_chunk():
+    from pipeline.losses import PREPARE_MAX_CLASSES, make_loss
+
+    C = PREPARE_MAX_CLASSES + 1
+    chunk = {"y": torch.zeros(4, dtype=torch.long), "teacher": torch.randn(4, C)}
+    loss = make_loss("cached", 2.0, 0.5, C)
+    assert loss.prepare_chunk(chunk) is chunk
+    zs = torch.randn(4, C)
+    assert loss(zs, chunk).item() == pytest.approx(kd_loss(zs, chunk["teacher"], chunk["y"], 2.0, 0.5).item())

@@ -128,3 +128,26 @@ def test_optimizer_state_lands_on_the_parameters_device_after_load(tmp_path):
     p = next(iter(fresh.optimizer.state))
     fresh.optimizer.state[p]["exp_avg"] = fresh.optimizer.state[p]["exp_avg"].to("meta")
     assert not fresh.optimizer_devices_ok()
+
+
+def test_epoch_minibatches_prepare_each_chunk_once_and_cut_the_same_rows():
+    """A row-wise `prepare` (the cached KD loss's prepare_chunk) runs once per chunk used and the
+    minibatches carry its columns for exactly the rows they would have had without it."""
+    x, y = _data()
+    x[:, 0] = np.arange(len(x))
+    calls = []
+
+    def prepare(chunk):
+        calls.append(len(chunk["epoch"]))
+        return dict(chunk, twice=chunk["x"][:, 0] * 2)
+
+    plain = list(training.epoch_minibatches(_stream(x, y, 3), 16, 7, 0, seed=1, window=48))
+    prepared = list(training.epoch_minibatches(_stream(x, y, 3), 16, 7, 0, seed=1, window=48, prepare=prepare))
+    assert len(calls) == len(list(_stream(x, y, 3)))
+    assert [e for e, _ in plain] == [e for e, _ in prepared]
+    for (_, a), (_, b) in zip(plain, prepared):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+        assert torch.equal(b["twice"], b["x"][:, 0] * 2)
+    calls.clear()  # chunks of epochs before start_epoch are skipped unprepared
+    list(training.epoch_minibatches(_stream(x, y, 3), 16, 7, 2, seed=1, window=48, prepare=prepare))
+    assert sum(calls) <= len(x) + 40

@@ -180,8 +180,9 @@ def train_in_process(job: StudentJob, kind: str, T: float = 1.0, alpha: float = 
     """Train one student in this process on the training core (Tune trials, bench, tests), streaming
     its data through Ray Data like a one-worker Ray Train run of the stage: (model at its best val
     epoch, history). Nothing is loaded whole. `report(row)` gets, after every epoch,
-    {"epoch" (1-based), "train_loss", "val_error", "best_val_error", "samples_per_s", "seconds",
-    "early_stopped"}."""
+    {"epoch" (1-based), "train_loss", "val_error", "best_val_error", "samples_per_s", "seconds" (the
+    epoch's, val pass included), "train_samples_per_s", "train_seconds" (its steps only: training
+    throughput), "early_stopped"}."""
     import torch
 
     from pipeline import datasets, models, ray_train, training
@@ -208,13 +209,15 @@ def train_in_process(job: StudentJob, kind: str, T: float = 1.0, alpha: float = 
     state = training.TrainState(model, tcfg, steps, epochs, device)
     loss_fn = make_loss(kind, T, alpha, job.num_classes, target or job.target, ensemble)
     chunks = ray_train.chunk_iterator(stream.iterator(), loader, bs, seed, 0, device)
-    batches = training.epoch_minibatches(chunks, bs, steps, 0, 0, seed, 0, window=int(loader["shuffle_rows"]) or bs)
+    batches = training.epoch_minibatches(chunks, bs, steps, 0, 0, seed, 0, window=int(loader["shuffle_rows"]) or bs,
+                                         prepare=getattr(loss_fn, "prepare_chunk", None))
     history: list[dict] = []
 
     def on_epoch(st, row):
         out = {"epoch": row["epoch"] + 1, "train_loss": row["train_loss"], "val_error": row["val_error"],
                "best_val_error": st.meta["best_val_error"], "samples_per_s": row["samples_per_s"],
-               "seconds": row["seconds"], "early_stopped": bool(st.meta["done"] and row["epoch"] + 1 < epochs)}
+               "seconds": row["seconds"], "train_samples_per_s": row["train_samples_per_s"],
+               "train_seconds": row["train_seconds"], "early_stopped": bool(st.meta["done"] and row["epoch"] + 1 < epochs)}
         history.append(out)
         if report is not None:
             report(out)
