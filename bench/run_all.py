@@ -23,6 +23,9 @@ EXTRA_RUNS = [
     ("bench_cache_fashion_mnist", "bench_cache.py",
      ["--config", os.path.join(os.path.dirname(HERE), "configs", "fashion_mnist.yaml")],
      "/usr/share/datasets/fashion-mnist"),
+    ("bench_student_fashion_mnist", "bench_student.py",
+     ["--config", os.path.join(os.path.dirname(HERE), "configs", "fashion_mnist.yaml")],
+     "/usr/share/datasets/fashion-mnist"),
 ]
 
 
