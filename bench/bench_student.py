@@ -7,14 +7,17 @@ size, interleaved round by round (this machine is noisy; medians of the rounds a
             `randperm`, index, forward, cross-entropy, backward, step); no pipeline code at all;
   cached    distillation as the student stage and every Tune trial run it: the cache joined with
             its inputs streamed through Ray Data (sha256 checked in the read tasks), minibatches
-            cut on the device, the one training core, the fused KD loss with the teacher's softmax
-            at T computed per batch (`pipeline.stages.student.train_in_process`);
+            cut on the device, the one training core, the fused KD loss with the teacher's targets
+            at T prepared once per streamed chunk on the device (`pipeline.stages.student.train_in_process`);
   teacher   the generalist's architecture on hard labels through the same streaming path, against
             the plain loop training that model.
 
 Reported per comparison: `steady` (median per-epoch training rate after the first epoch, whose
-Ray Data start-up is reported apart) and `whole` (all epochs' samples over the wall time of the
-whole job, start-up and the per-epoch val pass included), each as a ratio to the plain loop.
+Ray Data start-up is reported apart: samples over the seconds of the epoch's steps, data waits
+included, the per-epoch val pass excluded, since the plain loop has none) and `whole` (all epochs'
+samples over the wall time of the whole job, start-up and the per-epoch val passes included), each
+as a ratio to the plain loop. `stream_val_share` is the median share of an epoch's seconds spent
+in its val pass.
 
 It needs a run whose targets exist; upstream stages that are missing are run first (through the
 normal runner, so a finished run is reused as is). Default: `configs/quickstart.yaml`.
@@ -84,23 +87,25 @@ def _plain_rate(job, model_spec, x, y, bs, steps, epochs, seed) -> tuple[list[fl
     return rates, epochs * steps * bs / (time.perf_counter() - t_all)
 
 
-def _stream_rate(job, kind, epochs, seed) -> tuple[list[float], float]:
+def _stream_rate(job, kind, epochs, seed) -> tuple[list[float], float, float]:
     t0 = time.perf_counter()
     _, history = student.train_in_process(job, kind, T=4.0, alpha=0.9, epochs=epochs, seed=seed)
     wall = time.perf_counter() - t0
-    rates = [h["samples_per_s"] for h in history]
-    samples = sum(h["samples_per_s"] * h["seconds"] for h in history)
-    return rates, samples / wall
+    rates = [h["train_samples_per_s"] for h in history]
+    samples = sum(h["train_samples_per_s"] * h["train_seconds"] for h in history)
+    val_share = statistics.median(1.0 - h["train_seconds"] / max(h["seconds"], 1e-9) for h in history)
+    return rates, samples / wall, val_share
 
 
-def _summary(plain: list[tuple[list[float], float]], stream: list[tuple[list[float], float]]) -> dict:
+def _summary(plain: list[tuple], stream: list[tuple]) -> dict:
     p_steady = statistics.median([r for rates, _ in plain for r in rates])
-    s_steady = statistics.median([r for rates, _ in stream for r in rates[1:]] or [stream[0][0][0]])
+    s_steady = statistics.median([r for rates, *_ in stream for r in rates[1:]] or [stream[0][0][0]])
     p_whole = statistics.median([w for _, w in plain])
-    s_whole = statistics.median([w for _, w in stream])
-    first = statistics.median([rates[0] for rates, _ in stream])
+    s_whole = statistics.median([w for _, w, _ in stream])
+    first = statistics.median([rates[0] for rates, *_ in stream])
     return {"plain_samples_per_s": round(p_steady, 1), "stream_samples_per_s": round(s_steady, 1),
             "stream_first_epoch_samples_per_s": round(first, 1),
+            "stream_val_share": round(statistics.median([v for *_, v in stream]), 3),
             "ratio_steady": round(s_steady / p_steady, 3), "ratio_whole": round(s_whole / p_whole, 3)}
 
 
@@ -140,6 +145,7 @@ def main() -> int:
     steps_hard = n // bs
     teacher_job = job.replace(model=cfg.teacher.model.spec(), train=dict(job.train, batch_size=bs))
 
+    load_start = [round(v, 2) for v in os.getloadavg()]
     runs: dict[str, list] = {"plain_student": [], "cached": [], "plain_teacher": [], "teacher": []}
     for r in range(args.rounds):
         runs["plain_student"].append(_plain_rate(job, job.model, x_plain, y_plain, bs, steps_cached, args.epochs, r))
@@ -151,6 +157,7 @@ def main() -> int:
             f"{k} {statistics.median(v[-1][0]):,.0f}/s" for k, v in runs.items()), file=sys.stderr, flush=True)
     ray.shutdown()
     result = {
+        "load_avg_start": load_start, "load_avg_end": [round(v, 2) for v in os.getloadavg()],
         "config": os.path.relpath(args.config, ROOT) if os.path.isabs(args.config) else args.config,
         "samples": n, "batch_size": bs, "epochs_per_round": args.epochs, "rounds": args.rounds,
         "threads": args.threads,
