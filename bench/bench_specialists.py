@@ -216,7 +216,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-projected", action="store_true", help="only the exact-column clustering")
     ap.add_argument("--combination-only", action="store_true",
                     help="only the combination, on planted subsets (each group's classes topped up at random)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: the ratios are CPU time of the calling thread, which "
+                         "misses work aten hands to other threads, and on a shared 2-core machine two "
+                         "threads measured the combination at 27x the softmax pass, load 22); 0: torch's")
     args = ap.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     if args.threads:

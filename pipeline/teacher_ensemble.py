@@ -214,8 +214,9 @@ class TeacherEnsemble:
             g = self._forward(self.generalist, xt)
             if self.sidx is None:
                 return EnsembleOutputs(g, torch.log_softmax(g, dim=1), None, [])
-            log_pg = torch.log_softmax(g.double(), dim=1)
-            active = active_mask(log_pg, self.sidx, self.spec.top_n)
+            # Only the ranking matters and log_softmax keeps each row's order (ties included), so
+            # the logits rank the classes: no (B, C) float64 log-softmax per batch.
+            active = active_mask(g, self.sidx, self.spec.top_n)
             spec_logits = []
             for m, model in enumerate(self.specialists):
                 if all_specialists:

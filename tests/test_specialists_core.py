@@ -338,6 +338,20 @@ def test_active_mask_uses_top_n():
     assert active_mask(torch.log(p_g), SubsetIndex(subsets, 4), 2).tolist() == [[True, True, False], [False, True, True]]
 
 
+
+def test_active_mask_from_logits_equals_from_float64_log_softmax():
+    # The ensemble ranks classes on the raw float32 logits (no (B, C) float64 log-softmax):
+    # the same active set, ties and wide rows (the blockwise top-1) included.
+    g = torch.randn(64, 5000, generator=torch.Generator().manual_seed(3)) * 4
+    g[:8, 10] = g[:8, 4000] = g[:8].amax(dim=1) + 1.0  # ties between two top classes
+    g[8:16] = torch.round(g[8:16])                      # many ties everywhere
+    rng = np.random.default_rng(0)
+    sidx = SubsetIndex([rng.choice(5000, 300, replace=False) for _ in range(20)] + [[10], [4000]], 5000)
+    for n in (1, 2, 5):
+        want = active_mask(torch.log_softmax(g.double(), dim=1), sidx, n)
+        assert torch.equal(active_mask(g, sidx, n), want)
+    assert active_mask(g, sidx, 1)[:8, -2].all() and not active_mask(g, sidx, 1)[:8, -1].any()
+
 def test_combine_from_logits_float32_and_input_checks():
     p_g, spec, subsets, active = _problem(seed=2)
     logits_g = torch.log(p_g).float() + 5.0  # any shift: logits, not log-probs
