@@ -160,6 +160,7 @@ def stage_writing(cfg: Config) -> dict:
     ensure_ray(cfg)  # started once per session; not part of writing the cache
     storage.remove(cfg.stage_uri("targets"), recursive=True)
     done: list[tuple[float, int, dict]] = []
+    wall0 = time.time()
     t0 = time.perf_counter()
     report = targets.regenerate(cfg, progress=False, write_marker=False,
                                 on_shard=lambda e, s, t: done.append((s, int(e["num_samples"]), t)))
@@ -182,11 +183,23 @@ def stage_writing(cfg: Config) -> dict:
     # Busy: the same from the replicas' own read + infer + write time per shard (no Ray Data gaps).
     phases = {k: round(sum(t.get(k, 0.0) for _, _, t in done), 3) for k in ("infer", "write")}
     busy = sum(phases.values())
+    # Timeline of the whole job (seconds from the call): when the first replica's constructor
+    # began (driver planning + Ray Data planning + the actor's process start), its torch/pipeline
+    # import and checkpoint loading, the first and last shard written, and the driver's tail
+    # (orphan check, metrics, manifest) after the last shard.
+    timeline = None
+    if done:
+        last = max(t["finished_at"] for _, _, t in done) - wall0
+        timeline = {"replica_constructed_s": round(min(t["replica_started_at"] for _, _, t in done) - wall0, 2),
+                    "replica_import_s": round(max(t["replica_import_s"] for _, _, t in done), 2),
+                    "replica_load_s": round(max(t["replica_load_s"] for _, _, t in done), 2),
+                    "first_shard_s": round(min(t["finished_at"] for _, _, t in done) - wall0, 2),
+                    "last_shard_s": round(last, 2), "driver_tail_s": round(total - last, 2), "total_s": round(total, 2)}
     assert cache.verify_cache(cfg.stage_uri("targets"))["damaged"] == 0
     return {"samples": n, "shards": report["rewritten"], "actors": actors, "seconds": total,
             "samples_per_s": n / total, "steady_samples_per_s": steady or None,
             "busy_samples_per_s": n / (busy / actors) if busy else None,
-            "first_shard_s": done[0][0] if done else None, "actor_seconds": phases}
+            "first_shard_s": done[0][0] if done else None, "actor_seconds": phases, "timeline": timeline}
 
 
 def bytes_per_sample(num_classes: int, n: int, k: int, inputs: np.ndarray | None, logits: np.ndarray | None = None,
@@ -292,6 +305,9 @@ def main() -> int:
             "stage_seconds": round(stage["seconds"], 2),
             "stage_first_shard_s": _r(stage["first_shard_s"], 2),
             "stage_actor_seconds": stage["actor_seconds"],
+            "stage_timeline": stage["timeline"],
+            "stage_seconds_all_rounds": [round(r["seconds"], 2) for r in stages],
+            "plain_seconds_all_rounds": [round(p["samples"] / p["all_cores"], 2) for p in plains],
             "ratio_stage_to_plain": round(stage["samples_per_s"] / plain_rate, 3),
             "ratio_steady_to_plain": _ratio(stage["steady_samples_per_s"], plain_rate),
             "ratio_busy_to_plain": _ratio(stage["busy_samples_per_s"], plain_rate),

@@ -45,6 +45,22 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = type(names)(n for n in names if n not in _CREDENTIAL_VARS)
 
 
+def warm_worker() -> None:
+    """Ray `worker_process_setup_hook` of a local Ray: every worker process imports torch (and the
+    teacher's modules) as it starts, while it waits in Ray's pool, so a model replica placed on it
+    later (the targets stage's `TargetsWorker`, inference, training) finds them loaded instead of
+    spending its first seconds importing. Set DISTILL_WARM_WORKERS=0 to turn it off."""
+    import torch  # noqa: F401
+
+    import pipeline.teacher_ensemble  # noqa: F401
+
+
+def _warm_runtime_env() -> dict | None:
+    if os.environ.get("DISTILL_WARM_WORKERS", "1") in ("0", "false", "no"):
+        return None
+    return {"worker_process_setup_hook": "pipeline.raysetup.warm_worker"}
+
+
 def ensure_ray(cfg: Config | None = None) -> None:
     address = (cfg.ray.address if cfg else "") or os.environ.get("RAY_ADDRESS", "")
     if address and "ray" not in sys.modules:
@@ -76,4 +92,5 @@ def ensure_ray(cfg: Config | None = None) -> None:
         # state" once a second. It also gives users the usual dashboard on 127.0.0.1:8265.
         include_dashboard=True,
         log_to_driver=True,
+        runtime_env=_warm_runtime_env(),
     )

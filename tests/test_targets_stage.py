@@ -60,6 +60,10 @@ def test_regen_cases_on_ray(ray_local, tmp_path):
     for _, seconds, timing in seen:
         assert seconds > 0 and timing["infer"] > 0 and timing["write"] >= 0
         assert started < timing["finished_at"] <= time.time()
+        # The replicas' start-up, for the job's timeline: constructor began after the call, before
+        # the shard was written; import and checkpoint-loading seconds measured.
+        assert started < timing["replica_started_at"] < timing["finished_at"]
+        assert timing["replica_import_s"] >= 0 and timing["replica_load_s"] > 0
     assert len({t["worker"] for _, _, t in seen}) == 1  # one writer puts every shard back together
     # Ray Data wrote what the in-process writer writes (same teacher, same inputs).
     local = make_config(str(tmp_path / "run"), uri=str(tmp_path / "local_cache"))
@@ -81,6 +85,36 @@ def test_regen_cases_on_ray(ray_local, tmp_path):
     new = targets.regenerate(cfg, progress=False)
     assert (new["rewritten"], new["stale"]) == (6, 6)
     assert cache.verify_cache(cache_uri)["damaged"] == 0
+
+
+def test_ray_workers_start_with_torch_imported(ray_local):
+    """ensure_ray's worker_process_setup_hook (pipeline.raysetup.warm_worker): a worker process has
+    torch loaded before any task of ours imports it, so a model replica skips that start-up."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def loaded() -> bool:
+        return "torch" in sys.modules and "pipeline.teacher_ensemble" in sys.modules
+
+    assert ray.get(loaded.remote(), timeout=120)
+
+
+def test_timeline_columns_never_reach_the_cache(tmp_path):
+    """The replicas' timing columns (_infer_s, _started_at, ...) travel to the writer but only the
+    layout's fields, keys and labels are written: two in-process runs give byte-identical shards."""
+    shas = []
+    for name in ("a", "b"):
+        cfg = make_config(str(tmp_path / "run"), uri=str(tmp_path / name))
+        if name == "a":
+            write_dataset(cfg.stage_uri("data"), [30, 25])
+            write_teacher(cfg)
+        targets.regenerate(cfg, progress=False, use_ray=False, write_marker=False)
+        manifest = storage.read_json(cache.manifest_uri(str(tmp_path / name)))
+        shas.append([f["sha256"] for e in manifest["shards"] for f in e["files"].values()])
+        for e in manifest["shards"]:
+            cols = pq.read_schema(os.path.join(str(tmp_path / name), e["files"]["parquet"]["path"])).names
+            assert not [c for c in cols if c.startswith("_")], cols
+    assert shas[0] == shas[1] and len(shas[0]) == 2
 
 
 def test_a_damaged_input_shard_is_named_in_the_read_tasks_and_a_rerun_finishes(ray_local, tmp_path):

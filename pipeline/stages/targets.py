@@ -145,17 +145,23 @@ class TargetsWorker:
     inputs travel on only when a WebDataset file (self-contained: it holds them) is to be written."""
 
     def __init__(self, job: TargetsJob):
+        started_at, t0 = time.time(), time.perf_counter()
         import torch
 
         from pipeline.cache import Layout
         from pipeline.inference import device_for
         from pipeline.teacher_ensemble import TeacherEnsemble, TeacherSpec
 
+        imported = time.perf_counter()
         torch.set_num_threads(max(1, int(job.threads or 1)))
         self.job = job
         self.layout = Layout(**job.layout)
         self.ensemble = TeacherEnsemble(TeacherSpec(**job.teacher), device=device_for(job.gpus),
                                         precision=job.precision)
+        # The replica's start-up, for the job's timeline (benchmarks): when its constructor began
+        # (wall clock), seconds importing torch and the pipeline, seconds loading the checkpoints.
+        self.setup = {"_started_at": started_at, "_import_s": imported - t0,
+                      "_load_s": time.perf_counter() - imported}
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -175,6 +181,8 @@ class TargetsWorker:
         if self.job.carry_inputs:
             rows["x"] = x
         rows["_infer_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n), dtype=np.float64)
+        for k, v in self.setup.items():
+            rows[k] = np.full(n, v, dtype=np.float64)
         return rows
 
 
@@ -231,7 +239,10 @@ class ShardAssembler:
         # Seconds of this shard's inference (summed over its rows' batches) and writing, which
         # replica wrote it and when (its own clock): what a benchmark needs for steady rates.
         entry["_timing"] = {"infer": float(cols["_infer_s"].sum()), "write": time.perf_counter() - t0,
-                            "worker": self.worker, "finished_at": time.time()}
+                            "worker": self.worker, "finished_at": time.time(),
+                            "replica_started_at": float(cols["_started_at"].min()),
+                            "replica_import_s": float(cols["_import_s"].max()),
+                            "replica_load_s": float(cols["_load_s"].max())}
         return entry
 
 
