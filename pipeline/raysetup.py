@@ -49,14 +49,15 @@ def warm_worker() -> None:
     """Ray `worker_process_setup_hook` of a local Ray: every worker process imports torch (and the
     teacher's modules) as it starts, while it waits in Ray's pool, so a model replica placed on it
     later (the targets stage's `TargetsWorker`, inference, training) finds them loaded instead of
-    spending its first seconds importing. Set DISTILL_WARM_WORKERS=0 to turn it off."""
+    spending its first seconds importing. Opt-in (DISTILL_WARM_WORKERS=1): its gain is not yet
+    measured against the memory every worker then holds (docs/inference.md)."""
     import torch  # noqa: F401
 
     import pipeline.teacher_ensemble  # noqa: F401
 
 
 def _warm_runtime_env() -> dict | None:
-    if os.environ.get("DISTILL_WARM_WORKERS", "1") in ("0", "false", "no"):
+    if os.environ.get("DISTILL_WARM_WORKERS", "0") not in ("1", "true", "yes"):
         return None
     return {"worker_process_setup_hook": "pipeline.raysetup.warm_worker"}
 

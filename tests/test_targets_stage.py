@@ -87,16 +87,17 @@ def test_regen_cases_on_ray(ray_local, tmp_path):
     assert cache.verify_cache(cache_uri)["damaged"] == 0
 
 
-def test_ray_workers_start_with_torch_imported(ray_local):
-    """ensure_ray's worker_process_setup_hook (pipeline.raysetup.warm_worker): a worker process has
-    torch loaded before any task of ours imports it, so a model replica skips that start-up."""
-    import ray
+def test_warm_worker_hook_is_opt_in_and_imports_the_teacher(monkeypatch):
+    """ensure_ray's worker_process_setup_hook (pipeline.raysetup.warm_worker) is off unless
+    DISTILL_WARM_WORKERS=1, and the hook loads torch and the teacher's modules."""
+    from pipeline import raysetup
 
-    @ray.remote(num_cpus=0)
-    def loaded() -> bool:
-        return "torch" in sys.modules and "pipeline.teacher_ensemble" in sys.modules
-
-    assert ray.get(loaded.remote(), timeout=120)
+    monkeypatch.delenv("DISTILL_WARM_WORKERS", raising=False)
+    assert raysetup._warm_runtime_env() is None
+    monkeypatch.setenv("DISTILL_WARM_WORKERS", "1")
+    assert raysetup._warm_runtime_env() == {"worker_process_setup_hook": "pipeline.raysetup.warm_worker"}
+    raysetup.warm_worker()
+    assert "torch" in sys.modules and "pipeline.teacher_ensemble" in sys.modules
 
 
 def test_timeline_columns_never_reach_the_cache(tmp_path):
