@@ -58,6 +58,9 @@ def _check_t_alpha(T: float, alpha: float) -> None:
 
 
 _CONSTS: dict = {}
+# Up to this many classes the fused loss's gradient is one matmul with a (2C, C) mixer; wider rows
+# (a 15,000-class cache, online distillation) combine the two softmaxes elementwise.
+MIXER_MAX_CLASSES = 256
 
 
 def _const(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -142,8 +145,11 @@ class _FusedKD(torch.autograd.Function):
         if targets.dtype != cd:
             targets = targets.to(cd)
         loss = (targets[:, C:3 * C] * lq).sum().sub_(targets[:, 3 * C].sum()).mul_(-1.0 / B)
-        grad = torch.addmm(targets[:, :C], lq.exp_(), _mixer(soft_w * T / B, hard_w / B, C, cd, z.device),
-                           beta=-1.0 / B)
+        q = lq.exp_()
+        if C <= MIXER_MAX_CLASSES:
+            grad = torch.addmm(targets[:, :C], q, _mixer(soft_w * T / B, hard_w / B, C, cd, z.device), beta=-1.0 / B)
+        else:  # the (2C, C) mixer grows as C^2 (1.8 GB and B C^2 work at C = 15,000): elementwise instead
+            grad = q[:, :C].mul(soft_w * T / B).add_(q[:, C:], alpha=hard_w / B).sub_(targets[:, :C], alpha=1.0 / B)
         ctx.save_for_backward(grad)
         ctx.z_dtype = z.dtype
         return loss.to(z.dtype)
