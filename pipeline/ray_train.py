@@ -143,7 +143,8 @@ def fit(job: TrainJob, scaling: Any, storage_uri: str, name: str, max_failures: 
     check_latest_checkpoint(storage_uri, name)
     hooks = fault_injection()
     if hooks:
-        job = job.replace(fault=hooks)
+        # The run's folder: an injected stop waits there for Ray Train to record its checkpoint.
+        job = job.replace(fault={**hooks, "_storage": storage_uri, "_name": name})
     run_config = RunConfig(
         name=name,
         storage_path=path,
@@ -328,23 +329,33 @@ def steps_per_epoch(per_rank: Sequence[Sequence[dict]], local_bs: int) -> int:
     return smallest // local_bs
 
 
-def latest_position(storage_uri: str, name: str) -> tuple[int, int]:
-    """(next epoch, steps done in it) of the newest checkpoint of Ray Train run `name`, (0, 0) if none:
-    where the driver starts the training stream of a rerun, so a resumed run reads no data again."""
-    run = storage.join(storage_uri, name)
-    best = (0, 0)
+def _snapshot_checkpoint_dir(storage_uri: str, name: str) -> Optional[str]:
+    """The folder name of the checkpoint Ray Train's snapshot records as latest: the one a new fit
+    of run `name` restores (`ray.train.get_checkpoint()`), None for a fresh run."""
     try:
-        entries = [e for e in storage.listdir(run) if e.startswith("checkpoint_")]
-    except (FileNotFoundError, NotADirectoryError):
-        return best
-    for e in entries:
-        try:
-            meta = storage.read_json(storage.join(run, e, TRAINER_META))
-        except (FileNotFoundError, ValueError, OSError):
-            continue
-        pos = (int(meta.get("epoch", -1)) + 1, int(meta.get("step") or 0))
-        best = max(best, pos)
-    return best
+        raw = storage.read_bytes(storage.join(storage_uri, name, SNAPSHOT))
+        latest = json.loads(raw.decode("utf-8")).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, ValueError, UnicodeDecodeError, AttributeError):
+        return None  # damaged snapshots are reported by check_latest_checkpoint
+    return latest.get("checkpoint_dir_name") or None
+
+
+def latest_position(storage_uri: str, name: str) -> tuple[int, int]:
+    """(next epoch, steps done in it) of the checkpoint a rerun of Ray Train run `name` resumes
+    from, (0, 0) if none: where the driver starts the training stream, so a resumed run reads no
+    data again.
+
+    That is the checkpoint Ray Train's snapshot names, not the newest folder on storage: a worker
+    stopped right after uploading a checkpoint leaves a folder Ray Train never registered, and the
+    workers resume from the one before it (a stream started after that would skip an epoch)."""
+    dir_name = _snapshot_checkpoint_dir(storage_uri, name)
+    if dir_name is None:
+        return (0, 0)
+    try:
+        meta = storage.read_json(storage.join(storage_uri, name, dir_name, TRAINER_META))
+    except (FileNotFoundError, ValueError, OSError):
+        return (0, 0)
+    return (int(meta.get("epoch", -1)) + 1, int(meta.get("step") or 0))
 
 
 def build_datasets(data: dict, loader: Any, seed: int, epochs: int, start_epoch: int,
@@ -400,6 +411,17 @@ def data_parallel_job(job: TrainJob, train_entries: Sequence[dict], val_entries:
     job = job.replace(steps_per_epoch=steps, local_bs=local_bs, start_epoch=start_epoch, val_keep=tuple(keep),
                       loader=loader.model_dump() if hasattr(loader, "model_dump") else dict(loader))
     return job, ds
+
+
+def _await_recorded(fault: dict, position: tuple[int, int], timeout_s: float = 60.0) -> None:
+    """An injected stop happens once Ray Train has recorded the checkpoint just reported (its
+    controller takes reports asynchronously): the tests then see a stop after a committed
+    checkpoint, as from a crash a moment later, not a race on whether it was committed."""
+    if not fault.get("_storage"):
+        return
+    deadline = time.monotonic() + timeout_s
+    while latest_position(fault["_storage"], fault["_name"]) < position and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def dataset_config():
@@ -519,6 +541,11 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             _progress(f"[{name}] run already complete at epoch {state.meta['epoch'] + 1}; nothing to train")
         return
+    if state.next_epoch < min(int(job.start_epoch), epochs - 1):
+        # The stream starts at the driver's resume position; a checkpoint older than that would
+        # need rows the stream does not hold (see latest_position).
+        raise RuntimeError(f"[{name}] the checkpoint restored is at epoch {state.next_epoch + 1} but the data "
+                           f"stream starts at epoch {int(job.start_epoch) + 1}")
     if rank == 0:
         pos = f"epoch {state.next_epoch + 1}" + (f" step {state.meta['step']}" if state.meta.get("step") else "")
         how = f"resuming at {pos}/{epochs} from checkpoint" if checkpoint else f"starting {epochs} epochs"
@@ -547,9 +574,11 @@ def train_loop(config: dict) -> None:
             ray.train.report({**metrics, SCORE: metrics["val_error"]}, checkpoint=ckpt)
         if fault.get("stop_after_epoch") is not None and not st.meta["done"] and "step" not in metrics \
                 and st.meta["epoch"] >= int(fault["stop_after_epoch"]):
+            _await_recorded(fault, (st.next_epoch, 0))
             raise RuntimeError(f"{FAULT_ENV}: stopping after epoch {st.meta['epoch']} as asked")
         if fault.get("stop_after_step") is not None and metrics.get("step") == int(fault["stop_after_step"]) \
                 and not fault.get("_stopped"):
+            _await_recorded(fault, (st.next_epoch, int(metrics["step"])))
             raise RuntimeError(f"{FAULT_ENV}: stopping at step {metrics['step']} as asked")
 
     def report(st, row):

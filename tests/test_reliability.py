@@ -340,6 +340,30 @@ def test_an_unloadable_latest_checkpoint_is_named_before_ray_train_retries(tmp_p
         ray_train.check_latest_checkpoint(storage_uri, "teacher-abc")
 
 
+def test_the_stream_resumes_where_ray_train_resumes_not_at_an_unregistered_checkpoint(tmp_path):
+    """A worker stopped just after uploading a checkpoint leaves a folder Ray Train never recorded;
+    the workers restore the recorded one, so the driver must start the data stream there too (it
+    once started an epoch later, and the resumed run failed with 'ran out of rows')."""
+    import io
+
+    import torch
+
+    from pipeline import ray_train
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    storage_uri, _ = _fake_run(tmp_path, buf.getvalue())
+    assert ray_train.latest_position(storage_uri, "teacher-abc") == (4, 0)
+    newer = tmp_path / "ray" / "teacher-abc" / "checkpoint_2026-01-01_00-00-09.000000"
+    newer.mkdir()
+    (newer / ray_train.TRAINER_META).write_text(json.dumps({"epoch": 4}))
+    assert ray_train.latest_position(storage_uri, "teacher-abc") == (4, 0)
+    assert ray_train.latest_position(storage_uri, "teacher-new") == (0, 0)
+    (tmp_path / "ray" / "teacher-abc" / ray_train.SNAPSHOT).write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": newer.name}}))
+    assert ray_train.latest_position(storage_uri, "teacher-abc") == (5, 0)
+
+
 # ------------------------------------------------------------------------------------------------
 # submit: a job whose working dir vanished
 
