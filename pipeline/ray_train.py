@@ -330,8 +330,7 @@ def steps_per_epoch(per_rank: Sequence[Sequence[dict]], local_bs: int) -> int:
 
 
 def _snapshot_checkpoint_dir(storage_uri: str, name: str) -> Optional[str]:
-    """The folder name of the checkpoint Ray Train's snapshot records as latest: the one a new fit
-    of run `name` restores (`ray.train.get_checkpoint()`), None for a fresh run."""
+    """The checkpoint folder Ray Train's snapshot records as latest (a new fit restores it), or None."""
     try:
         raw = storage.read_bytes(storage.join(storage_uri, name, SNAPSHOT))
         latest = json.loads(raw.decode("utf-8")).get("latest_checkpoint_result") or {}
@@ -414,9 +413,8 @@ def data_parallel_job(job: TrainJob, train_entries: Sequence[dict], val_entries:
 
 
 def _await_recorded(fault: dict, position: tuple[int, int], timeout_s: float = 60.0) -> None:
-    """An injected stop happens once Ray Train has recorded the checkpoint just reported (its
-    controller takes reports asynchronously): the tests then see a stop after a committed
-    checkpoint, as from a crash a moment later, not a race on whether it was committed."""
+    """An injected stop waits until Ray Train (which takes reports asynchronously) has recorded the
+    checkpoint just reported: a stop after a committed checkpoint, not a race on the commit."""
     if not fault.get("_storage"):
         return
     deadline = time.monotonic() + timeout_s
