@@ -50,6 +50,16 @@ def _copy(base_run, dest, **overrides):
     return make_config(dest, **{**SETTINGS, "data.uri": os.path.join(base_run, "data"), **overrides})
 
 
+def _score_top_n():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "score_top_n.py")
+    spec = importlib.util.spec_from_file_location("score_top_n", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _spec_metrics(root, m):
     return json.load(open(os.path.join(root, "specialists", f"spec_{m:03d}", "metrics.json")))
 
@@ -101,6 +111,15 @@ def test_specialists_train_in_parallel_survive_a_failure_and_beat_the_generalist
     assert sum(r["ensemble_correct"] for r in rows) == len(y_test) - metrics["test_errors"]
     assert [r["covered_by"] for r in rows] == [1]  # two disjoint subsets covering all 8 classes
     assert metrics["params"] == metrics["generalist_params"] + sum(s["params"] for s in metrics["specialists"])
+
+    # scripts/score_top_n.py scores other top-n on the same checkpoints and writes nothing: at the
+    # run's own top_n it reproduces the stage's test figures.
+    before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+    scored = _score_top_n().score(cfg, [1, 2], ["val", "test"])["top_n"]
+    assert scored["1"]["test"] == {"examples": len(y_test), "generalist_errors": g["test_errors"],
+                                   "ensemble_errors": metrics["test_errors"]}
+    assert scored["2"]["val"]["examples"] > 0 and 0 < scored["2"]["test"]["ensemble_errors"] < len(y_test)
+    assert {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs} == before
 
     # Up to date: skipped. Only an evaluation setting changed: re-scored, nothing retrained.
     assert run_stage(cfg, "specialists")["skipped"]
