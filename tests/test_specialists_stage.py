@@ -60,6 +60,10 @@ def _score_top_n():
     return mod
 
 
+def _mtimes(root):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+
+
 def _spec_metrics(root, m):
     return json.load(open(os.path.join(root, "specialists", f"spec_{m:03d}", "metrics.json")))
 
@@ -114,12 +118,12 @@ def test_specialists_train_in_parallel_survive_a_failure_and_beat_the_generalist
 
     # scripts/score_top_n.py scores other top-n on the same checkpoints and writes nothing: at the
     # run's own top_n it reproduces the stage's test figures.
-    before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+    before = _mtimes(root)
     scored = _score_top_n().score(cfg, [1, 2], ["val", "test"])["top_n"]
     assert scored["1"]["test"] == {"examples": len(y_test), "generalist_errors": g["test_errors"],
                                    "ensemble_errors": metrics["test_errors"]}
     assert scored["2"]["val"]["examples"] > 0 and 0 < scored["2"]["test"]["ensemble_errors"] < len(y_test)
-    assert {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs} == before
+    assert _mtimes(root) == before
 
     # Up to date: skipped. Only an evaluation setting changed: re-scored, nothing retrained.
     assert run_stage(cfg, "specialists")["skipped"]
