@@ -17,6 +17,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+IDLE_LOAD = 2.5  # on 2 cores a benchmark alone keeps the load near 1-2; above this, something else ran
 # Extra runs of a benchmark under their own result key: (key, script, arguments, path that must exist).
 # bench_cache on the Fashion-MNIST teacher (CNN + 4 specialists) when that dataset is installed.
 EXTRA_RUNS = [
@@ -35,6 +36,31 @@ def flatten(prefix: str, obj, out: dict) -> None:
             flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     else:
         out[prefix] = obj
+
+
+def results_markdown(results: dict, failures: dict) -> list[str]:
+    """The lines of RESULTS.md: when each benchmark ran and whether its machine was idle, then every figure."""
+    lines = ["# Benchmark results", "", "Figures from `make bench` on this machine (`run_all.py --only NAME` "
+             "replaces that benchmark's rows); every ratio compares measurements taken within one "
+             "benchmark's run.", "", "| benchmark | run (UTC) | load average before / after | machine |",
+             "|---|---|---|---|"]
+    for name, res in results.items():
+        load = res.get("_load_avg_1min")
+        idle = "not recorded" if not load else ("idle" if max(load) <= IDLE_LOAD else "busy")
+        lines.append(f"| {name} | {res.get('_when', 'not recorded')} | "
+                     f"{' / '.join(map(str, load)) if load else 'not recorded'} | {idle} |")
+    lines += ["", f"*idle*: 1-minute load average at most {IDLE_LOAD} before and after (the benchmark's own "
+              "processes included).", "", "| benchmark | figure | value |", "|---|---|---:|"]
+    for name, res in results.items():
+        flat: dict = {}
+        flatten("", res, flat)
+        for k, v in flat.items():
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            lines.append(f"| {name} | {k} | {v} |")
+    for name, why in failures.items():
+        lines.append(f"| {name} | FAILED | {why} |")
+    return lines
 
 
 def main() -> int:
@@ -60,6 +86,7 @@ def main() -> int:
             out = tmp.name
         cmd = [sys.executable, script, "--out", out] + (["--quick"] if args.quick else []) + extra
         print(f"[bench] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd)
         seconds = time.perf_counter() - t0
@@ -72,21 +99,14 @@ def main() -> int:
         with open(out) as f:
             results[name] = json.load(f)
         results[name]["_wall_s"] = round(seconds, 1)
+        # 1-minute load average before and after, so RESULTS.md says per benchmark whether its
+        # machine was idle (other work running beside a benchmark skews its ratios).
+        results[name]["_load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        results[name]["_when"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         os.unlink(out)
     with open(path, "w") as f:
         json.dump({"results": results, "failures": failures}, f, indent=2)
-    lines = ["# Benchmark results", "", "Figures from `make bench` on this machine (`run_all.py --only NAME` "
-             "replaces that benchmark's rows); every ratio compares measurements taken within one "
-             "benchmark's run.", "", "| benchmark | figure | value |", "|---|---|---:|"]
-    for name, res in results.items():
-        flat: dict = {}
-        flatten("", res, flat)
-        for k, v in flat.items():
-            if isinstance(v, float):
-                v = f"{v:.4g}"
-            lines.append(f"| {name} | {k} | {v} |")
-    for name, why in failures.items():
-        lines.append(f"| {name} | FAILED | {why} |")
+    lines = results_markdown(results, failures)
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
