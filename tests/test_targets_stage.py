@@ -295,3 +295,31 @@ def test_s3_round_trip(s3_bucket, tmp_path):
     assert (r["rewritten"], r["damaged"]) == (1, 1)
     assert cache.verify_cache(cache_uri)["damaged"] == 0
     assert pq.read_table(storage.open_read(key)).num_rows == 20
+
+
+def test_idle_worker_processes_are_reused_while_the_cpus_are_held(ray_local):
+    """With both CPUs held (two 1-CPU actors, as two specialist trials hold them), Ray's pool is over
+    its soft limit, and by Ray's default an idle worker is killed after 1 s: each Ray Data pass would
+    start new processes for its read tasks. ensure_ray keeps them (raysetup.IDLE_WORKER_KEEP_MS), so
+    a zero-CPU task 2.5 s after another runs in the same process."""
+    import time
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def pid(self):
+            return os.getpid()
+
+    @ray.remote(num_cpus=0)
+    def pid():
+        return os.getpid()
+
+    holders = [Holder.remote() for _ in range(2)]
+    ray.get([h.pid.remote() for h in holders])
+    first = ray.get(pid.remote())
+    time.sleep(2.5)
+    second = ray.get(pid.remote())
+    for h in holders:
+        ray.kill(h)
+    assert second == first
