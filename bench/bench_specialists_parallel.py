@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -78,8 +79,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small workload (about a minute)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir, removed)")
+    ap.add_argument("--hidden", default=None,
+                    help="hidden sizes of the generalist and so of each specialist, e.g. 1024,1024: trials whose "
+                         "compute outweighs their start-up (default: 256,256, start-up dominated)")
     args = ap.parse_args()
-    p = QUICK if args.quick else FULL
+    p = dict(QUICK if args.quick else FULL)
+    if args.hidden:
+        p["hidden"] = [int(h) for h in args.hidden.split(",")]
 
     import ray
     import torch
@@ -130,6 +136,14 @@ def main() -> int:
             "train_wall_s": round(m["training"]["wall_seconds"], 2),
             "stage_wall_s": round(stage_s, 2),
             "trial_seconds": [round(tm["seconds"], 2) for tm in trials],
+            # Of each trial: the seconds before its first epoch (the generalist's checkpoint, the head
+            # swap), its first epoch (which waits for the trial's first Ray Data stream: new read
+            # workers, imports) and the median of its later epochs.
+            "trial_before_first_epoch_s": [round(tm["seconds"] - sum(h["seconds"] for h in tm["history"]), 2)
+                                           for tm in trials],
+            "trial_first_epoch_s": [round(tm["history"][0]["seconds"], 2) for tm in trials],
+            "trial_later_epoch_median_s": [round(statistics.median(h["seconds"] for h in tm["history"][1:]), 3)
+                                           if len(tm["history"]) > 1 else None for tm in trials],
             "trials_overlap_s": round(max(0.0, min(ends) - max(starts)), 2),
             # Tune start-up, worker processes, data loading: the part of the wall time no trial counts.
             "overhead_s": round(m["training"]["wall_seconds"] - (max(ends) - min(starts)), 2),
