@@ -269,6 +269,11 @@ class ClusterConfig(_Section):
     min_size: Int = Field(2, ge=1, description="Clusters with fewer classes get no specialist.")
     max_size: Optional[Int] = Field(None, ge=2, description="Largest subset allowed.")
     seed: Int = Field(0, description="k-means seed.")
+    normalize: Literal["correlation", "excess"] = Field(
+        "correlation", description="Class points for k-means: covariance columns as correlations, or "
+        "correlations in excess of each class's median one (more stable across k-means seeds); see "
+        "specialists.clustering.class_points."
+    )
     self_similarity: Literal["max", "zero", "keep"] = Field(
         "max", description="Each class's own coordinate before k-means: its strongest confusion (max), "
         "0, or the correlation diagonal 1 (keep); see specialists.clustering.class_points."

@@ -125,3 +125,17 @@ def test_run_only_fields_stay_out_of_fingerprints_and_others_do_not():
         assert section_fingerprint(fingerprint_dump(getattr(a, sec))) == section_fingerprint(fingerprint_dump(getattr(b, sec))), sec
     assert section_fingerprint(fingerprint_dump(a.targets)) != section_fingerprint(fingerprint_dump(c.targets))
     assert section_fingerprint(a.teacher) != section_fingerprint(c.teacher)
+
+
+def test_cluster_normalize_joins_the_fingerprint_only_when_set(tmp_path):
+    # Runs made before cluster.normalize existed stay up to date; choosing "excess" reclusters.
+    from pipeline.stages import cluster
+
+    def cfg(*over):
+        return load_config(None, [f"output_dir={tmp_path}", "data.format=synthetic", *over])
+
+    base = cluster.fingerprint(cfg())
+    assert cluster.fingerprint(cfg("cluster.normalize=correlation")) == base
+    assert cluster.fingerprint(cfg("cluster.normalize=excess")) != base
+    with pytest.raises(Exception, match="normalize"):
+        cfg("cluster.normalize=bogus")

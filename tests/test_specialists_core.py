@@ -125,6 +125,34 @@ def test_correlation_normalisation_is_scale_free():
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
+def test_excess_normalisation_sees_confusions_below_the_simplex_correlation():
+    # Probabilities sum to 1, so a strong generalist's classes are all negatively correlated (about
+    # -1/(C-1)); confusions show only as correlations less negative than the rest.
+    C = 10
+    r = np.full((C, C), -0.11)
+    np.fill_diagonal(r, 1.0)
+    for (a, b), v in {(0, 1): 0.3, (2, 3): -0.05, (4, 5): -0.07}.items():
+        r[a, b] = r[b, a] = v
+    d = np.linspace(0.05, 0.3, C)
+    cov = r * d[:, None] * d[None, :]
+    points = class_points(cov, "excess")
+    np.testing.assert_allclose(points, class_points(r, "excess"), atol=1e-5)  # scale-free
+    assert (points >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(points[:6], axis=1), 1.0, rtol=1e-5)
+    assert not points[6:].any(), "a class confused no more than its median is the zero vector"
+    assert points[2] @ points[3] > 0.99 and points[2] @ points[7] == 0
+    for seed in range(10):  # every confused pair has its own specialist at every k-means seed
+        subsets = cluster_classes(cov, num_specialists=3, seed=seed, normalize="excess", min_size=1)
+        where = {c: i for i, s in enumerate(subsets) for c in s}
+        assert where[0] == where[1] and where[2] == where[3] and where[4] == where[5]
+        assert len({where[0], where[2], where[4]}) == 3
+    # Planted groups are found as with "correlation".
+    subsets = cluster_classes(_cov_of(GROUPS_12), num_specialists=4, seed=0, normalize="excess")
+    assert adjusted_rand_score(GROUPS_12, subsets_to_labels(subsets, 12)) >= 0.8
+    with pytest.raises(ValueError, match="excess"):
+        class_points(cov, "bogus")
+
+
 def test_subset_size_gives_fixed_size_overlapping_subsets():
     cov = _cov_of(GROUPS_12)
     subsets = cluster_classes(cov, num_specialists=4, subset_size=5, seed=0)

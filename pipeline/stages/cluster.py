@@ -37,7 +37,9 @@ MAX_TICK_LABELS = 40
 
 def fingerprint(cfg: Config) -> str:
     # batch_size only sets how many val samples go through the generalist at once: same subsets.
-    return section_fingerprint("cluster-v1", cfg.cluster.model_dump(exclude={"batch_size"}),
+    # `normalize` joins the fingerprint only when set, so runs made before it existed stay up to date.
+    exclude = {"batch_size"} | ({"normalize"} if cfg.cluster.normalize == "correlation" else set())
+    return section_fingerprint("cluster-v1", cfg.cluster.model_dump(exclude=exclude),
                                marker_fingerprint(cfg, "teacher"))
 
 
@@ -94,7 +96,8 @@ def run(cfg: Config) -> dict:
     errors = stats["errors"]
 
     subsets = cluster_classes(cov, cc.num_specialists, subset_size=cc.subset_size, min_size=cc.min_size,
-                              max_size=cc.max_size, seed=cc.seed, self_similarity=cc.self_similarity)
+                              max_size=cc.max_size, seed=cc.seed, normalize=cc.normalize,
+                              self_similarity=cc.self_similarity)
     if not subsets:
         raise UserError(f"cluster: every one of the {cc.num_specialists} clusters has fewer than cluster.min_size="
                         f"{cc.min_size} classes, so no specialist would be trained; lower cluster.min_size or "
