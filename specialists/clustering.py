@@ -222,20 +222,18 @@ def class_points(cov: np.ndarray, normalize: str = "correlation", self_similarit
         j = min(i + _ROW_BLOCK, C)
         block = out[i:j]
         block[...] = cov[i:j]
+        diag = (np.arange(j - i), np.arange(i, j))  # each row's own class
         if correlation:
             block *= inv32[i:j, None]
             block *= inv32[None, :]
         if normalize == "excess" and C > 2:
-            rows = np.arange(j - i)
-            own = block[rows, rows + i].copy()
-            block[rows, rows + i] = np.nan
+            own = block[diag].copy()
+            block[diag] = np.nan
             median = np.nanmedian(block, axis=1, keepdims=True)
             block -= median
-            block[rows, rows + i] = own - median[:, 0]  # "keep" keeps this: 1 - the median
+            block[diag] = own - median[:, 0]  # "keep" keeps this: 1 - the median
             block[~(block > _EXCESS_TOL)] = 0.0  # negatives, and float32 rounding that unit rows would blow up
         if normalize != "none" and self_similarity != "keep" and C > 1:
-            rows = np.arange(j - i)
-            diag = (rows, rows + i)
             if self_similarity == "zero":
                 block[diag] = 0.0
             else:

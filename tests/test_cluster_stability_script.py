@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _clustering_helpers import simplex_like_cov
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cluster_stability.py"
 
 
@@ -15,20 +17,9 @@ def _script():
     return mod
 
 
-def _simplex_like_cov():
-    # Every pair mildly negative, as for a strong generalist's probabilities; three confused pairs.
-    C = 10
-    r = np.full((C, C), -0.11)
-    np.fill_diagonal(r, 1.0)
-    for (a, b), v in {(0, 1): 0.3, (2, 3): -0.05, (4, 5): -0.07}.items():
-        r[a, b] = r[b, a] = v
-    d = np.linspace(0.05, 0.3, C)
-    return r * d[:, None] * d[None, :]
-
-
 def test_sweep_counts_every_seed_and_scores_each_partition():
     mod = _script()
-    cov = _simplex_like_cov()
+    cov = simplex_like_cov()
     names = [f"c{i}" for i in range(10)]
     res = mod.sweep(cov, 3, seeds=8, n_inits=[1, 3], names=names, min_size=1, normalize="excess")
     assert set(res) == {"1", "3"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from _clustering_helpers import simplex_like_correlation, simplex_like_cov
 from specialists.clustering import (
     CovarianceAccumulator, adjusted_rand, class_points, cluster_classes, subsets_to_labels,
 )
@@ -128,15 +129,9 @@ def test_correlation_normalisation_is_scale_free():
 def test_excess_normalisation_sees_confusions_below_the_simplex_correlation():
     # Probabilities sum to 1, so a strong generalist's classes are all negatively correlated (about
     # -1/(C-1)); confusions show only as correlations less negative than the rest.
-    C = 10
-    r = np.full((C, C), -0.11)
-    np.fill_diagonal(r, 1.0)
-    for (a, b), v in {(0, 1): 0.3, (2, 3): -0.05, (4, 5): -0.07}.items():
-        r[a, b] = r[b, a] = v
-    d = np.linspace(0.05, 0.3, C)
-    cov = r * d[:, None] * d[None, :]
+    cov = simplex_like_cov()
     points = class_points(cov, "excess")
-    np.testing.assert_allclose(points, class_points(r, "excess"), atol=1e-5)  # scale-free
+    np.testing.assert_allclose(points, class_points(simplex_like_correlation(), "excess"), atol=1e-5)  # scale-free
     assert (points >= 0).all()
     np.testing.assert_allclose(np.linalg.norm(points[:6], axis=1), 1.0, rtol=1e-5)
     assert not points[6:].any(), "a class confused no more than its median is the zero vector"
