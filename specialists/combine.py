@@ -99,6 +99,18 @@ class SubsetIndex:
         self.pos_rep = torch.arange(smax, device=device).expand(len(tensors), smax) * self.mask
         self.padded_rep = self.padded.gather(1, self.pos_rep)
 
+    @property
+    def position(self) -> torch.Tensor:
+        """(M, C) int32: position[m, c] is c's index in S^m, -1 where c is not in S^m (built once, on
+        first use: only rows with several active specialists need it)."""
+        if getattr(self, "_position", None) is None:
+            M, C = self.member.shape
+            pos = torch.full((M * C,), -1, dtype=torch.int32, device=self.member.device)
+            rows = torch.arange(M, device=self.member.device)[:, None] * C
+            pos.index_copy_(0, (rows + self.padded)[self.mask], self.pos_rep[self.mask].to(torch.int32))
+            self._position = pos.view(M, C)
+        return self._position
+
     @classmethod
     def of(cls, subsets: SubsetsLike, num_classes: int, device: Union[str, torch.device] = "cpu") -> "SubsetIndex":
         """`subsets` itself if already packed for C classes, else a new index."""
@@ -122,7 +134,7 @@ def active_mask(p_g: torch.Tensor, subsets: SubsetsLike, top_n: int = 1) -> torc
     idx = SubsetIndex.of(subsets, p_g.shape[1], p_g.device)
     n = max(1, min(int(top_n), p_g.shape[1]))
     top = _top1(p_g)[1] if n == 1 else p_g.topk(n, dim=1).indices  # (B, n)
-    return idx.member[:, top].any(dim=2).T.contiguous()    # (M, B, n) -> (B, M)
+    return _active_from_top(idx, top)
 
 
 def _top1(z: torch.Tensor, width: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +159,13 @@ def _top1(z: torch.Tensor, width: int = 256) -> tuple[torch.Tensor, torch.Tensor
     return zmax.squeeze(1), cols.gather(1, j)
 
 
+def _active_from_top(idx: "SubsetIndex", top: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: S^m holds one of the row's classes in `top` (B, n)."""
+    B, n = top.shape
+    cols = idx.member.index_select(1, top.reshape(-1)).view(-1, B, n)   # (M, B, n)
+    return (cols.any(dim=2) if n > 1 else cols.view(-1, B)).T.contiguous()
+
+
 @dataclass
 class _Pairs:
     """The active (sample, specialist) pairs of the rows being combined, N of them."""
@@ -168,7 +187,7 @@ def _check(p_g: torch.Tensor, spec_probs: Sequence[torch.Tensor], sidx: SubsetIn
     if len(spec_probs) != sidx.num_specialists:
         raise ValueError(f"{len(spec_probs)} specialist outputs for {sidx.num_specialists} subsets")
     for m, sp in enumerate(spec_probs):
-        want = (B, int(sidx.sizes[m]) + 1)
+        want = (B, sidx.sizes_list[m] + 1)
         if tuple(sp.shape) != want:
             raise ValueError(f"specialist {m} output has shape {tuple(sp.shape)}, expected {want} "
                              "(its subset's classes, then the dustbin)")
@@ -213,6 +232,7 @@ class _Active:
     mask: Optional[torch.Tensor]  # (N, Smax) bool, True on real entries; None when no padding
     n_active: torch.Tensor  # (B,) |A_b|
     num_classes: int
+    index: "SubsetIndex"
 
 
 def _gather_pairs(outputs: Sequence[torch.Tensor], sidx: SubsetIndex, active: torch.Tensor, dtype: torch.dtype,
@@ -255,7 +275,7 @@ def _active_pairs(b: torch.Tensor, m: torch.Tensor, probs: torch.Tensor, sidx: S
         p_in, mask = probs.gather(1, sidx.pos_rep.index_select(0, m)), sidx.mask.index_select(0, m)
     cls = sidx.padded_rep.index_select(0, m)
     return _Active(b, m, cls, b[:, None] * sidx.num_classes + cls, p_in, p_d, mask, active.sum(dim=1),
-                   sidx.num_classes)
+                   sidx.num_classes, sidx)
 
 
 def _compact(keys: torch.Tensor, space: int) -> torch.Tensor:
@@ -271,30 +291,67 @@ def _compact(keys: torch.Tensor, space: int) -> torch.Tensor:
     return torch.unique(keys, return_inverse=True)[1]
 
 
-def _dedup(keys: torch.Tensor, space: int, scratch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique slots of entry keys: (slot of each entry, first entry of each slot), slots in order of
-    their first entry. Keys lie in [0, space).
+@dataclass
+class _Rows:
+    """The rows of P pairs (ordered by row): each pair's compact row and rank within its row."""
 
-    Overlapping subsets of one row put a class in several entries, which must share one q value.
-    With `scratch`, a tensor of at least `space` elements of 4 or 8 bytes whose contents may be
-    destroyed (the output buffer before it is written), each key's cell in it records the key's
-    first entry: O(nnz) with no sort and no temporary of size `space`.
+    rows: torch.Tensor        # (R,) batch rows
+    row_of_pair: torch.Tensor  # (P,) compact row 0..R-1
+    per_row: torch.Tensor     # (R,) pairs per row
+    pair_start: torch.Tensor  # (R,) first pair of each row
+    rank: torch.Tensor        # (P,) 0..per_row-1
+
+    @classmethod
+    def of(cls, b: torch.Tensor) -> "_Rows":
+        rows, row_of_pair, per_row = torch.unique_consecutive(b, return_inverse=True, return_counts=True)
+        pair_start = torch.cumsum(per_row, 0) - per_row
+        rank = torch.arange(b.numel(), device=b.device) - pair_start.index_select(0, row_of_pair)
+        return cls(rows, row_of_pair, per_row, pair_start, rank)
+
+
+def _union_slots(pr: _Active, multi: torch.Tensor, grp: _Rows, nbits: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The union slots (row, class) of the (P, Smax) entries of the pairs `multi`: overlapping
+    subsets of one row put a class in several entries, which must share one q value.
+
+    Returns (slot of each entry, first entry of each slot, pair of that entry, the slot's bit mask
+    of the row's pairs holding its class, bit k for the pair of rank k; None when nbits > 40),
+    slots in order of their first entry. An entry's first is found from the subsets' membership
+    table: the row's lowest-ranked pair whose subset holds the class, at the class's position in
+    it. That is `nbits` gathers of P * Smax booleans, with no table over the batch's B * C cells.
     """
-    nnz = keys.numel()
-    dev = keys.device
-    if scratch is not None and scratch.element_size() in (4, 8) and scratch.numel() >= space and nnz < 2**31:
-        table = scratch.view(torch.int32 if scratch.element_size() == 4 else torch.int64).reshape(-1)
-        ids = torch.arange(nnz, dtype=table.dtype, device=dev)
-        table.scatter_reduce_(0, keys, ids, reduce="amin", include_self=False)
-        owner = table.index_select(0, keys).long()                     # (nnz,) first entry of its key
-        is_first = owner == ids.long()
-        first = is_first.nonzero().squeeze(1)
-        slot_of = torch.cumsum(is_first, 0) - 1                        # slot of each first entry
-        return slot_of.index_select(0, owner), first
-    inv = _compact(keys, space)
-    first = torch.full((int(inv.max()) + 1 if nnz else 0,), nnz, dtype=torch.long, device=dev)
-    first.scatter_reduce_(0, inv, torch.arange(nnz, device=dev), reduce="amin")
-    return inv, first
+    P, S = multi.numel(), pr.cls.shape[1]
+    C, dev = pr.num_classes, multi.device
+    cls = pr.cls.index_select(0, multi)                                  # (P, S)
+    m = pr.m.index_select(0, multi)
+    member = pr.index.member.view(-1)
+    start = grp.pair_start.index_select(0, grp.row_of_pair)              # (P,) the row's first pair
+    in_row = grp.per_row.index_select(0, grp.row_of_pair)[:, None]       # (P, 1) pairs in the row
+    bits = None
+    if nbits <= 40:  # the bit masks; the first holder is the lowest set bit (the entry's own pair is one)
+        bits = torch.zeros((P, S), dtype=torch.long, device=dev)
+        for k in range(nbits):
+            mk = m.index_select(0, (start + k).clamp_max_(P - 1))
+            held = member.index_select(0, (mk[:, None] * C + cls).view(-1)).view(P, S)
+            if k >= 2:  # every row here has two pairs or more: only later ranks may not exist
+                held &= in_row > k
+            bits.add_(held, alpha=1 << k)
+        k_star = torch.log2((bits & -bits).to(torch.float64)).long()  # exact: powers of two up to 2^39
+    else:  # too many pairs for a bit mask: the lowest-ranked holder by comparisons
+        k_star = grp.rank[:, None].expand(P, S).clone()
+        for k in range(nbits - 1):
+            mk = m.index_select(0, (start + k).clamp_max_(P - 1))
+            held = member.index_select(0, (mk[:, None] * C + cls).view(-1)).view(P, S)
+            k_star = torch.where(held & (k_star > k), k, k_star)        # k < rank: only earlier pairs
+    f_pair = start[:, None] + k_star                                     # (P, S) pair of the first entry
+    f_pos = pr.index.position.view(-1).index_select(
+        0, (m.index_select(0, f_pair.view(-1)) * C + cls.view(-1)))       # its column
+    f_entry = f_pair.view(-1) * S + f_pos
+    is_first = f_entry == torch.arange(P * S, device=dev)
+    first = is_first.nonzero().squeeze(1)
+    slot_of = torch.cumsum(is_first, 0) - 1
+    return (slot_of.index_select(0, f_entry), first, f_pair.view(-1).index_select(0, first),
+            None if bits is None else bits.view(-1).index_select(0, first))
 
 
 def _outside_pass(z: torch.Tensor, zmax: torch.Tensor, pr: _Active, shift: bool,
@@ -351,55 +408,49 @@ class _MultiRows:
     pair) incidences with the pair's subset *not* holding the cell, so the dustbin mass of q^m is
     summed directly, never as 1 - (mass inside S^m). q itself is formed once at the end (`q_slots`).
 
-    Args: pr; multi (P,) the pairs of rows with several; inv, first: `_dedup` of their (P, Smax)
-    entries; pg_u (U,) p^g on the slots; g_out (B,) p^g's mass outside each row's union.
+    Args: pr; multi (P,) the pairs of rows with several; grp their rows; inv, first, first_pair,
+    u_bits: `_union_slots` of their (P, Smax) entries; pg_u (U,) p^g on the slots; g_out (B,) p^g's mass
+    outside each row's union; nbits the most pairs in one row.
     """
 
-    def __init__(self, pr: _Active, multi: torch.Tensor, inv: torch.Tensor, first: torch.Tensor,
-                 pg_u: torch.Tensor, g_out: torch.Tensor, cd: torch.dtype):
+    def __init__(self, pr: _Active, multi: torch.Tensor, grp: _Rows, inv: torch.Tensor, first: torch.Tensor,
+                 first_pair: torch.Tensor, u_bits: Optional[torch.Tensor], pg_u: torch.Tensor, g_out: torch.Tensor,
+                 cd: torch.dtype, nbits: int):
         dev = multi.device
         self.cd, self.tiny = cd, torch.finfo(cd).tiny
-        S = pr.cls.shape[1]
-        rows, row_of_pair, per_row = torch.unique_consecutive(pr.b.index_select(0, multi), return_inverse=True,
-                                                              return_counts=True)
+        C = pr.num_classes
+        rows, row_of_pair, per_row, pair_start = grp.rows, grp.row_of_pair, grp.per_row, grp.pair_start
         R, P = rows.numel(), multi.numel()
-        pair_start = torch.cumsum(per_row, 0) - per_row
-        rank = torch.arange(P, device=dev) - pair_start.index_select(0, row_of_pair)  # pair's rank in its row
         U = first.numel()                                                   # union slots (row, class)
-        u_row = row_of_pair.index_select(0, torch.div(first, S, rounding_mode="floor"))  # (U,) compact row
-        # per slot, in one scatter: sum_{m: c in S^m} p^m_c and the bit mask of the row's pairs
-        # holding the class (powers of two up to 2^40 add exactly in float64)
-        nbits = int(per_row.max())
-        src = torch.empty((P, S, 2), dtype=torch.float64, device=dev)
-        src[:, :, 0] = pr.probs.index_select(0, multi)
-        src[:, :, 1] = torch.pow(2.0, rank.to(torch.float64))[:, None] if nbits <= 40 else 0.0
+        u_row = row_of_pair.index_select(0, first_pair)                     # (U,) compact row
+        u_cls = pr.cls.index_select(0, multi).view(-1).index_select(0, first)  # (U,) class
+        p_in = pr.probs.index_select(0, multi)
         if pr.mask is not None:  # padding repeats a class of the pair: count it once
-            src *= pr.mask.index_select(0, multi)[:, :, None]
-        acc = torch.zeros((U, 2), dtype=torch.float64, device=dev).index_add_(0, inv, src.view(-1, 2))
-        base_u = pg_u + acc[:, 0].to(cd)                                    # p^g_c + sum_{m: c in S^m} p^m_c
+            p_in = p_in * pr.mask.index_select(0, multi)
+        base_u = pg_u + torch.zeros(U, dtype=cd, device=dev).index_add_(0, inv, p_in.reshape(-1).to(cd))
         row_ids = torch.arange(R, device=dev)
-        if nbits <= 40:  # cells: (row, bits); bits 0 is the row's outside cell
-            keys = torch.cat([u_row * (1 << nbits) + acc[:, 1].long(), row_ids * (1 << nbits)])
+        if u_bits is not None:  # cells: (row, bits); bits 0 is the row's outside cell
+            keys = torch.cat([u_row * (1 << nbits) + u_bits, row_ids * (1 << nbits)])
             cell_all = _compact(keys, R << nbits)
         else:  # too many active specialists for a bit mask: every slot its own cell (same iterates)
             keys = torch.cat([u_row * (U + 1) + 1 + torch.arange(U, device=dev), row_ids * (U + 1)])
             cell_all = _compact(keys, R * (U + 1))
         cell, cell_out = cell_all[:U], cell_all[U:]                          # slot -> cell, row -> outside cell
         NC = int(cell_all.max()) + 1
-        cell_row = torch.zeros(NC, dtype=torch.long, device=dev).scatter_(0, cell_out, row_ids)
-        cell_row.scatter_(0, cell, u_row)
-        # which of its row's pairs hold each cell: (NC, nbits) table by the pair's rank
-        e_rank = rank[:, None].expand(P, S).reshape(-1)
-        held = torch.zeros(NC * nbits, dtype=torch.bool, device=dev).index_fill_(
-            0, cell.index_select(0, inv) * nbits + e_rank, True)
-        # (cell, pair) incidences with the pair's subset not holding the cell: every pair of the
-        # cell's row but those holding it
+        cell_row = torch.zeros(NC, dtype=torch.long, device=dev).scatter_(0, cell_all, torch.cat([u_row, row_ids]))
+        cell_cls = torch.full((NC,), -1, dtype=torch.long, device=dev).scatter_(0, cell, u_cls)  # a class of it
+        # (cell, pair) incidences with the pair's subset not holding the cell's classes: every pair
+        # of the cell's row (the outside cell: all of them) but those whose subset holds its class
         cnt = per_row.index_select(0, cell_row)
         ci_cell = torch.arange(NC, device=dev).repeat_interleave(cnt)
         j = torch.arange(ci_cell.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt).index_select(0, ci_cell)
-        keep = (~held.index_select(0, ci_cell * nbits + j)).nonzero().squeeze(1)
+        ci_pair = pair_start.index_select(0, cell_row.index_select(0, ci_cell)) + j
+        ci_cls = cell_cls.index_select(0, ci_cell)
+        held = pr.index.member.view(-1).index_select(
+            0, pr.m.index_select(0, multi.index_select(0, ci_pair)) * C + ci_cls.clamp_min(0)) & (ci_cls >= 0)
+        keep = (~held).nonzero().squeeze(1)
         self.ci_cell = ci_cell.index_select(0, keep)
-        self.ci_pair = pair_start.index_select(0, cell_row.index_select(0, self.ci_cell)) + j.index_select(0, keep)
+        self.ci_pair = ci_pair.index_select(0, keep)
         # per cell: sums of (base_c, p^g_c) over its classes; outside: p_g's outside mass
         g_rows = g_out.index_select(0, rows)
         vals = torch.stack([base_u, pg_u], dim=1)                           # (U, 2)
@@ -435,7 +486,8 @@ class _MultiRows:
 
     def q_slots(self) -> torch.Tensor:
         """(U,) q on the union slots of the multi rows."""
-        return (self.AB.index_select(0, self.cell) * self.vals).sum(dim=1)
+        ab = self.AB.index_select(0, self.cell)                              # (U, 2)
+        return torch.addcmul(ab[:, 1] * self.vals[:, 1], ab[:, 0], self.vals[:, 0])  # not a sum over dim 1: slow
 
 
 def _solve(
@@ -448,7 +500,6 @@ def _solve(
     cd: torch.dtype,
     check_every: int,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-    scratch: Optional[torch.Tensor] = None,
 ) -> None:
     """The MM iteration: writes log q into `out` (which may be z itself).
 
@@ -459,8 +510,6 @@ def _solve(
     dtype; s_b = (1 + p^m_dustbin / p^g(outside S^m)) / 2), so only rows with several active
     specialists iterate, on their unions, in `cd`. Per-row sums (lse, p^g's mass outside the
     union, summed directly, never as 1 - inside: a union may hold nearly all the mass) are in `cd`.
-    `scratch`: a (B, C) buffer other than z whose contents may be destroyed before `out` is
-    written (`out` itself when it is not z).
     """
     B, C = z.shape
     dev = z.device
@@ -481,10 +530,11 @@ def _solve(
     sb = pr.b.index_select(0, single)
     inside = torch.zeros(B, dtype=cd, device=dev).index_copy_(0, sb, ex_sum.index_select(0, single).to(cd))
     if have_multi:  # overlapping subsets of a row share classes: one slot per (row, class)
-        m_flat = pr.flat.index_select(0, multi).reshape(-1)
-        inv, first = _dedup(m_flat, B * C, scratch)
-        u_flat = m_flat.index_select(0, first)
-        u_b = pr.b.index_select(0, multi.index_select(0, torch.div(first, S, rounding_mode="floor")))
+        grp = _Rows.of(pr.b.index_select(0, multi))
+        nbits = int(grp.per_row.max())
+        inv, first, first_pair, u_bits = _union_slots(pr, multi, grp, nbits)
+        u_flat = pr.flat.index_select(0, multi).reshape(-1).index_select(0, first)
+        u_b = grp.rows.index_select(0, grp.row_of_pair.index_select(0, first_pair))
         ex_u = ex.index_select(0, multi).reshape(-1).index_select(0, first).to(cd)
         inside.index_add_(0, u_b, ex_u)
     outside = raw_out.to(cd)
@@ -508,7 +558,7 @@ def _solve(
                                         / g_out.index_select(0, sb).clamp_min(tiny)) * 0.5))
     if have_multi:
         pg_u = ex_u * torch.exp(base - lse).index_select(0, u_b)
-        it = _MultiRows(pr, multi, inv, first, pg_u, g_out, cd)
+        it = _MultiRows(pr, multi, grp, inv, first, first_pair, u_bits, pg_u, g_out, cd, nbits)
 
     def dense(t: int) -> torch.Tensor:  # diagnostics only: a (B, C) iterate in cd
         ls = torch.zeros_like(log_s) if t == 0 else log_s.clone()
@@ -537,9 +587,18 @@ def _solve(
         callback(1, dense(1))
 
     torch.sub(z, (lse - log_s).to(z.dtype)[:, None], out=out)  # outside the unions: log p_g + log s_b
-    out.put_(s_flat, _safe_log(q_single).to(out.dtype))
+    _put(out, s_flat, _safe_log(q_single).to(out.dtype))
     if have_multi:
-        out.put_(u_flat, _safe_log(it.q_slots()).to(out.dtype))
+        _put(out, u_flat, _safe_log(it.q_slots()).to(out.dtype))
+
+
+def _put(out: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:
+    """out.view(-1)[flat] = values. On CPU numpy's fancy assignment, at about half the cost of
+    torch's index kernels (docs/performance.md), where numpy has the dtype."""
+    if out.device.type == "cpu" and out.is_contiguous() and out.dtype in (torch.float32, torch.float64, torch.float16):
+        out.numpy().reshape(-1)[flat.reshape(-1).numpy()] = values.reshape(-1).numpy()
+    else:
+        out.put_(flat, values)
 
 
 def _exact_outside(z: torch.Tensor, small: torch.Tensor, pr: _Active, lse: torch.Tensor, g_out: torch.Tensor,
@@ -606,10 +665,9 @@ def combine_fixed_point(
             callback(0, p_g.clone())
         return p_g.clone(), log_q
     log_q = log_q.contiguous()
-    q = torch.empty_like(log_q)  # the answer's buffer, scratch for the solver until then
+    q = torch.empty_like(log_q)  # the answer's buffer
     _solve(log_q, log_q.amax(dim=1), log_q, _active_pairs(b, m, probs, sidx, active), iters, tol, compute_dtype,
-           max(1, int(check_every)), None if callback is None else (lambda t, q: callback(t, q.to(p_g.dtype))),
-           scratch=q)
+           max(1, int(check_every)), None if callback is None else (lambda t, q: callback(t, q.to(p_g.dtype))))
     rows = active.any(dim=1)
     if bool(rows.all()):
         return torch.exp(log_q, out=q), log_q
@@ -812,7 +870,7 @@ def combine(
             zmax, top = _top1(p_g_logits)
         else:
             zmax, top = p_g_logits.amax(dim=1), p_g_logits.topk(n, dim=1).indices
-        active = sidx.member[:, top].any(dim=2).T.contiguous()
+        active = _active_from_top(sidx, top)
     else:
         zmax = p_g_logits.amax(dim=1)
     _check(p_g_logits, spec_logits_list, sidx, active)
@@ -826,5 +884,5 @@ def combine(
     probs = torch.softmax(z, dim=1)  # -inf padding: probability 0
     log_q = torch.empty_like(p_g_logits)  # the one (B, C) buffer: the answer
     _solve(p_g_logits.contiguous(), zmax, log_q, _active_pairs(b, m, probs, sidx, active), iters, tol, compute_dtype,
-           max(1, int(check_every)), scratch=log_q)
+           max(1, int(check_every)))
     return log_q

@@ -501,6 +501,47 @@ def test_wide_rows_across_chunks_reach_the_fixed_point_in_float32_and_float64():
     torch.testing.assert_close(log64[none], torch.log_softmax(logits[none], 1))
 
 
+def test_rows_with_more_active_specialists_than_a_bit_mask_holds_reach_the_fixed_point():
+    """45 subsets of different sizes share class 0, so a row whose top class is 0 has 45 active
+    specialists (past the 40 a cell's bit mask holds: every union slot is its own cell); other rows
+    have 2 to 5. Both kinds meet the dense fixed-point equations and q stays normalised."""
+    g = torch.Generator().manual_seed(11)
+    B, C = 6, 400
+    subsets = [sorted({0} | set(torch.randperm(C - 1, generator=g)[:5 + m % 7].add(1).tolist())) for m in range(45)]
+    logits = torch.randn(B, C, generator=g, dtype=torch.float64)
+    logits[:3, 0] += 6.0  # rows 0-2: class 0 on top, all 45 specialists active
+    spec_logits = [torch.randn(B, len(s) + 1, generator=g, dtype=torch.float64) for s in subsets]
+    active = torch.zeros(B, 45, dtype=torch.bool)
+    active[:3] = True
+    for b, n in zip(range(3, 6), (2, 3, 5)):
+        active[b, torch.randperm(45, generator=g)[:n]] = True
+    log_q = combine(logits, spec_logits, subsets, active=active, iters=2000, tol=1e-14)
+    q = log_q.exp()
+    torch.testing.assert_close(q.sum(1), torch.ones(B, dtype=torch.float64), atol=1e-12, rtol=0)
+    spec = [torch.softmax(s, 1) for s in spec_logits]
+    assert _fixed_point_residual(q, torch.softmax(logits, 1), spec, subsets, active) < 1e-10
+    # the same rows alone, where no row has more than 5: the same answer by the bit-mask cells
+    few = combine(logits[3:], [s[3:] for s in spec_logits], subsets, active=active[3:], iters=2000, tol=1e-14)
+    torch.testing.assert_close(few, log_q[3:], atol=1e-12, rtol=0)
+
+
+def test_half_and_bfloat16_logits_give_the_float32_answer_to_their_precision():
+    """float16 outputs are written through numpy on CPU, bfloat16 through torch (numpy has no
+    bfloat16): both paths give the float32 answer to the dtype's precision."""
+    g = torch.Generator().manual_seed(5)
+    B, C = 20, 600
+    subsets = [sorted(torch.randperm(C, generator=g)[:40].tolist()) for _ in range(8)]
+    subsets[1] = sorted(set(subsets[0][:20]) | set(subsets[1][:20]))
+    logits = torch.randn(B, C, generator=g) * 2
+    spec_logits = [torch.randn(B, len(s) + 1, generator=g) for s in subsets]
+    active = torch.rand(B, len(subsets), generator=g) < 0.4
+    ref = combine(logits, spec_logits, subsets, active=active)
+    for dtype, tol in ((torch.float16, 2e-2), (torch.bfloat16, 1e-1)):
+        low = combine(logits.to(dtype), [s.to(dtype) for s in spec_logits], subsets, active=active)
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.float(), ref, atol=tol, rtol=tol)
+
+
 def test_rows_whose_outside_mass_underflows_float32_keep_its_exact_size():
     """Every class outside the active subset 200 nats below it: float32 exp underflows there, yet
     log q outside = log p_g + log s with the exact s = (1 + p_dustbin / outside mass) / 2."""
