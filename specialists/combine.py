@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -250,6 +251,16 @@ def _gather_pairs(outputs: Sequence[torch.Tensor], sidx: SubsetIndex, active: to
     order = torch.argsort(m, stable=True)
     rows_sorted = b.index_select(0, order)
     counts = torch.bincount(m, minlength=sidx.num_specialists).tolist()  # one host sync for the loop
+    if dtype in (torch.float32, torch.float64) and all(_numpy_ok(outputs[k]) for k, c in enumerate(counts) if c):
+        rows = torch.full((N, width), fill, dtype=dtype)  # CPU: each part straight into its rows
+        rn, on, rs = rows.numpy(), order.numpy(), rows_sorted.numpy()
+        start = 0
+        for k, cnt in enumerate(counts):
+            if cnt:
+                src = outputs[k].detach().numpy()
+                rn[on[start:start + cnt], :src.shape[1]] = src[rs[start:start + cnt]]
+                start += cnt
+        return b, m, rows
     parts, start = [], 0
     for k, cnt in enumerate(counts):
         if cnt:
@@ -379,19 +390,30 @@ def _outside_pass(z: torch.Tensor, zmax: torch.Tensor, pr: _Active, shift: bool,
     zflat = z.reshape(-1)
     buf = torch.empty((min(step, B), C), dtype=z.dtype, device=dev)  # reused: no page faults per chunk
     bflat = buf.view(-1)
+    np_ok = _numpy_ok(z)  # CPU: numpy's take and fancy assignment cost less per call than torch's
+    if np_ok:
+        zn, bn, ln, zin_n = zflat.detach().numpy(), bflat.numpy(), local.reshape(-1).numpy(), z_in.view(-1).numpy()
     for n, i in enumerate(starts):
         zc = z[i:i + step]
         rows = zc.shape[0]
         e = buf[:rows]
         lo, hi = bounds[n], bounds[n + 1]
-        sel = local[lo:hi].reshape(-1)
-        if hi > lo:  # the chunk is in cache: a cheap gather
-            torch.index_select(zflat[i * C:(i + rows) * C], 0, sel, out=z_in[lo:hi].view(-1))
+        if np_ok:
+            sel_n = ln[lo * S:hi * S]
+            if hi > lo:  # the chunk is in cache: a cheap gather
+                np.take(zn[i * C:(i + rows) * C], sel_n, out=zin_n[lo * S:hi * S])
+        else:
+            sel = local[lo:hi].reshape(-1)
+            if hi > lo:
+                torch.index_select(zflat[i * C:(i + rows) * C], 0, sel, out=z_in[lo:hi].view(-1))
         if shift:
             torch.sub(zc, zmax[i:i + step, None], out=e).exp_()
         else:
             torch.exp(zc, out=e)
-        bflat.index_fill_(0, sel, 0.0)
+        if np_ok:
+            bn[sel_n] = 0
+        else:
+            bflat.index_fill_(0, sel, 0.0)
         torch.sum(e, dim=1, out=raw_out[i:i + rows])
     return raw_out, z_in
 
@@ -592,10 +614,15 @@ def _solve(
         _put(out, u_flat, _safe_log(it.q_slots()).to(out.dtype))
 
 
+def _numpy_ok(t: torch.Tensor) -> bool:
+    """A CPU tensor numpy can view: its index calls cost about half of torch's on small index sets
+    (docs/performance.md). Both paths are tested (float32/float64 and bfloat16 inputs)."""
+    return t.device.type == "cpu" and t.is_contiguous() and t.dtype in (torch.float32, torch.float64, torch.float16)
+
+
 def _put(out: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:
-    """out.view(-1)[flat] = values. On CPU numpy's fancy assignment, at about half the cost of
-    torch's index kernels (docs/performance.md), where numpy has the dtype."""
-    if out.device.type == "cpu" and out.is_contiguous() and out.dtype in (torch.float32, torch.float64, torch.float16):
+    """out.view(-1)[flat] = values, through numpy where `_numpy_ok`."""
+    if _numpy_ok(out):
         out.numpy().reshape(-1)[flat.reshape(-1).numpy()] = values.reshape(-1).numpy()
     else:
         out.put_(flat, values)
